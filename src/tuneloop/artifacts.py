@@ -1,0 +1,95 @@
+"""What stages hand each other. Each artifact is also written as `meta.json` in its stage directory,
+so any stage can be re-run alone from what the previous one left on disk."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, TypeVar
+
+from tuneloop.errors import TuneloopError
+
+T = TypeVar("T")
+META = "meta.json"
+
+
+def save_meta(artifact: Any, directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    payload = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(artifact).items()}
+    (directory / META).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def load_meta(cls: type[T], directory: Path, produced_by: str) -> T:
+    meta = directory / META
+    if not meta.is_file():
+        raise TuneloopError(f"{meta}: not found; run `tuneloop {produced_by}` first")
+    payload = json.loads(meta.read_text(encoding="utf-8"))
+    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if field.type in ("Path", "Path | None") and payload.get(field.name) is not None:
+            payload[field.name] = Path(payload[field.name])
+    return cls(**payload)
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseModelRef:
+    """A base model resolved to a local directory of weights and tokenizer."""
+
+    name: str
+    path: Path
+    trust_remote_code: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """Validated, split examples in the internal chat form (one JSON object with `messages` per line)."""
+
+    dir: Path
+    train: Path
+    val: Path
+    test: Path
+    hash: str
+    split_hashes: dict[str, str]
+    counts: dict[str, int]
+    system_prompt: str | None = None
+    answer_schema: Path | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Adapter:
+    """A trained LoRA adapter and how it came to be."""
+
+    dir: Path
+    base_model: str
+    dataset_hash: str
+    method: str
+    params: dict[str, Any]
+    history: list[dict[str, float]]
+    train_loss: float
+    val_loss: float | None
+    train_tokens: int
+    train_seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalReport:
+    """Baseline and candidate metrics on the same test rows."""
+
+    dir: Path
+    rows: int
+    baseline: dict[str, float]
+    candidate: dict[str, float] | None
+    report: Path | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelVersion:
+    """A registered adapter version in the registry."""
+
+    name: str
+    version: int
+    run_id: str
+    source: str
+    base_model: str
+    dataset_hash: str
+    metrics: dict[str, float]

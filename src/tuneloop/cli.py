@@ -1,0 +1,230 @@
+"""The `tuneloop` command: one short command per stage, plus `run` for the whole loop."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Annotated, Callable
+
+import typer
+from rich.console import Console
+
+from tuneloop.errors import TuneloopError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
+registry_app = typer.Typer(no_args_is_help=True, help="Registered model versions (MLflow).")
+app.add_typer(registry_app, name="registry")
+console = Console()
+err_console = Console(stderr=True)
+
+ConfigArg = Annotated[Path, typer.Argument(help="The run's YAML config.", show_default=False)]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config value: section.key=value.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]
+
+
+def _quiet_libraries() -> None:
+    """Our own progress bars and tables replace the libraries' per-call bars and info logs."""
+    import logging
+    import os
+    import warnings
+
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="(transformers|peft|trl)")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def user_errors(command: Callable) -> Callable:
+    """Print a user-caused error as one line and exit non-zero; `--debug` keeps the traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, debug: bool = False, **kwargs):
+        _quiet_libraries()
+        try:
+            return command(*args, **kwargs)
+        except TuneloopError as err:
+            if debug:
+                raise
+            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _load(config: Path, overrides: list[str] | None):
+    from tuneloop.config import load_config
+
+    return load_config(config, overrides)
+
+
+def _base(cfg):
+    from tuneloop.models import resolve_base_model
+
+    return resolve_base_model(cfg.base_model, cfg.cache_dir, cfg.trust_remote_code)
+
+
+def _dataset(cfg):
+    from tuneloop.artifacts import Dataset, load_meta
+
+    return load_meta(Dataset, cfg.run_dir / "data", "data CONFIG")
+
+
+def _adapter(cfg):
+    from tuneloop.artifacts import Adapter, load_meta
+
+    return load_meta(Adapter, cfg.run_dir / "train", "train CONFIG")
+
+
+@app.command()
+@user_errors
+def run(config: ConfigArg, set: SetOpt = None, debug: DebugOpt = False) -> None:
+    """Whole loop: data -> baseline eval -> LoRA training -> eval -> report -> registry."""
+    from tuneloop.data import prepare
+    from tuneloop.evaluate import evaluate
+    from tuneloop.evaluate.report import comparison_table
+    from tuneloop.registry import register
+    from tuneloop.train import train
+
+    cfg = _load(config, set)
+    base = _base(cfg)
+    data = prepare(cfg.data, cfg.run_dir)
+    _print_counts(data)
+    console.print("[bold]1/3[/] evaluating the baseline (base model, same system prompt)")
+    evaluate(cfg.eval, data, base, None, cfg.run_dir)
+    console.print(f"[bold]2/3[/] training a LoRA adapter on {data.counts['train']} rows")
+    adapter = train(cfg.train, data, base, cfg.run_dir)
+    console.print("[bold]3/3[/] evaluating the fine-tuned model on the same test rows")
+    report = evaluate(cfg.eval, data, base, adapter, cfg.run_dir)
+    version = register(cfg.registry, cfg.model_name, adapter, report, data, cfg.model_dump(mode="json"))
+    console.print(comparison_table(report))
+    console.print(f"registered [bold]{version.name}[/] version {version.version}")
+    console.print(f"results: {cfg.run_dir.resolve()}  (report.md, loss.png, metrics.png)")
+
+
+@app.command()
+@user_errors
+def data(config: ConfigArg, set: SetOpt = None, debug: DebugOpt = False) -> None:
+    """Validate and split the examples into train/val/test."""
+    from tuneloop.data import prepare
+
+    cfg = _load(config, set)
+    _print_counts(prepare(cfg.data, cfg.run_dir))
+    console.print(f"data: {(cfg.run_dir / 'data').resolve()}")
+
+
+@app.command()
+@user_errors
+def train(config: ConfigArg, set: SetOpt = None, debug: DebugOpt = False) -> None:
+    """Train a LoRA adapter on the prepared data."""
+    from tuneloop.train import train as train_stage
+
+    cfg = _load(config, set)
+    adapter = train_stage(cfg.train, _dataset(cfg), _base(cfg), cfg.run_dir)
+    console.print(f"adapter: {adapter.dir.resolve()}  (train loss {adapter.train_loss:.4f})")
+
+
+@app.command(name="eval")
+@user_errors
+def eval_(
+    config: ConfigArg,
+    baseline_only: Annotated[bool, typer.Option(help="Score only the base model.")] = False,
+    set: SetOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Score the baseline and the fine-tuned adapter on the test split."""
+    from tuneloop.evaluate import evaluate
+    from tuneloop.evaluate.report import comparison_table
+
+    cfg = _load(config, set)
+    adapter = None if baseline_only else _adapter(cfg)
+    report = evaluate(cfg.eval, _dataset(cfg), _base(cfg), adapter, cfg.run_dir)
+    console.print(comparison_table(report))
+
+
+@app.command()
+@user_errors
+def serve(
+    config: ConfigArg,
+    port: Annotated[int | None, typer.Option(help="Port (default: serve.port).")] = None,
+    set: SetOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """OpenAI-compatible server for the base model and every registered adapter on it."""
+    from tuneloop.registry import adapter_paths
+    from tuneloop.serve import serve as serve_stage
+
+    cfg = _load(config, set)
+    serve_cfg = cfg.serve if port is None else cfg.serve.model_copy(update={"port": port})
+    base = _base(cfg)
+    adapters = adapter_paths(cfg.registry, base.name)
+    console.print(f"serving {', '.join([base.name, *adapters])} on http://{serve_cfg.host}:{serve_cfg.port}/v1")
+    serve_stage(serve_cfg, base, adapters)
+
+
+@registry_app.command("register")
+@user_errors
+def registry_register(config: ConfigArg, set: SetOpt = None, debug: DebugOpt = False) -> None:
+    """Register the run's trained and evaluated adapter as a new version."""
+    from tuneloop.artifacts import EvalReport, load_meta
+    from tuneloop.registry import register
+
+    cfg = _load(config, set)
+    report = load_meta(EvalReport, cfg.run_dir / "eval", "eval CONFIG")
+    version = register(cfg.registry, cfg.model_name, _adapter(cfg), report, _dataset(cfg), cfg.model_dump(mode="json"))
+    console.print(f"registered [bold]{version.name}[/] version {version.version}")
+
+
+@registry_app.command("list")
+@user_errors
+def registry_list(
+    config: Annotated[Path | None, typer.Argument(help="A run config naming the registry (default: ./mlruns).")] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Registered versions with their headline metrics."""
+    from rich.table import Table
+
+    from tuneloop.config import RegistryConfig
+    from tuneloop.registry import HEADLINE, list_versions
+
+    registry_cfg = _load(config, None).registry if config else RegistryConfig()
+    versions = list_versions(registry_cfg)
+    if not versions:
+        console.print("no registered versions yet; `tuneloop run CONFIG` registers one")
+        return
+    table = Table(title="registered versions")
+    for column in ("model", "version", "base model", "dataset", *HEADLINE):
+        table.add_column(column)
+    for v in versions:
+        metrics = [f"{v.metrics[m] * 100:.1f} %" if m in v.metrics else "-" for m in HEADLINE]
+        table.add_row(v.name, str(v.version), v.base_model, v.dataset_hash[:12], *metrics)
+    console.print(table)
+
+
+def _print_counts(dataset) -> None:
+    c = dataset.counts
+    console.print(
+        f"data: read {c['read']} rows, rejected {c['rejected']}, duplicates removed {c['duplicates_removed']}, "
+        f"test leaks removed {c['test_leaks_removed']} -> train {c['train']}, val {c['val']}, test {c['test']}"
+        f"  (dataset {dataset.hash[:12]})"
+    )
+    if c["rejected"]:
+        console.print(f"  rejected rows and reasons: {dataset.dir / 'rejects.jsonl'}")
+
+
+def main() -> None:  # pragma: no cover - console-script entry for `python -m tuneloop`
+    app(prog_name="tuneloop")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""The run configuration: one YAML file, validated by pydantic, with `--set key=value` overrides."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tuneloop.errors import TuneloopError
+
+DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(Section):
+    path: Path = Field(description="Training examples: a JSONL file (chat `messages` or `prompt`/`completion`).")
+    test_path: Path | None = Field(
+        default=None, description="Optional held-out test file; when given, it is the test split and never trained on."
+    )
+    system_prompt: str | None = Field(
+        default=None, description="System prompt added to every example that has none; the baseline uses it too."
+    )
+    answer_schema: Path | None = Field(
+        default=None, description="JSON schema the assistant's answer must follow (enables schema metrics)."
+    )
+    val_fraction: float = Field(default=0.1, ge=0.0, lt=0.5, description="Share of rows held out for validation.")
+    test_fraction: float = Field(default=0.1, ge=0.0, lt=0.5, description="Share of rows held out for the test set.")
+    seed: int = Field(default=42, description="Seed of the split; the same seed and input give the same split.")
+    max_reject_fraction: float = Field(
+        default=0.1, ge=0.0, le=1.0, description="Stop the run when more than this share of rows is rejected."
+    )
+
+
+class TrainConfig(Section):
+    method: Literal["lora"] = Field(default="lora", description="Training method.")
+    lora_r: int = Field(default=16, gt=0, description="LoRA rank.")
+    lora_alpha: int = Field(default=32, gt=0, description="LoRA alpha (scaling numerator).")
+    lora_dropout: float = Field(default=0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA path.")
+    target_modules: str | list[str] = Field(
+        default="all-linear", description="Modules that get adapters: `all-linear` or a list of module names."
+    )
+    learning_rate: float = Field(default=2e-4, gt=0, description="Peak learning rate.")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field(default="cosine", description="Learning-rate decay.")
+    warmup_ratio: float = Field(default=0.1, ge=0.0, lt=1.0, description="Share of steps spent warming up.")
+    epochs: float = Field(default=3.0, gt=0, description="Passes over the training split.")
+    max_steps: int | None = Field(default=None, gt=0, description="Stop after this many optimizer steps.")
+    batch_size: int = Field(default=4, gt=0, description="Examples per device per step.")
+    gradient_accumulation: int = Field(default=1, gt=0, description="Steps to accumulate before an update.")
+    max_seq_length: int = Field(default=1024, gt=0, description="Longest tokenized example.")
+    completion_only_loss: bool = Field(default=True, description="Train on the assistant's answer only.")
+    eval_steps: int | None = Field(default=None, gt=0, description="Validation loss every N steps (default: per epoch).")
+    seed: int = Field(default=42, description="Seed for adapter init and data order.")
+
+
+class EvalConfig(Section):
+    max_new_tokens: int = Field(default=128, gt=0, description="Longest generated answer.")
+    batch_size: int = Field(default=16, gt=0, description="Prompts generated together (left-padded).")
+    max_rows: int | None = Field(default=None, gt=0, description="Evaluate only the first N test rows.")
+
+
+class RegistryConfig(Section):
+    tracking_uri: str | None = Field(
+        default=None, description="MLflow tracking URI; default: a SQLite store in ./mlruns of the working directory."
+    )
+    model_name: str | None = Field(default=None, description="Registered model name (default: the run name).")
+
+
+class ServeConfig(Section):
+    host: str = Field(default="127.0.0.1", description="Address to listen on.")
+    port: int = Field(default=8000, gt=0, lt=65536, description="Port to listen on.")
+    max_new_tokens: int = Field(default=256, gt=0, description="Default `max_tokens` when a request gives none.")
+
+
+class RunConfig(Section):
+    name: str = Field(description="Name of the task; names the run directory and the registered model.")
+    base_model: str = Field(
+        default=DEFAULT_BASE_MODEL,
+        description="`smollm2-135m-instruct` (bundled), a local Hugging Face model directory, or a hub id.",
+    )
+    trust_remote_code: bool = Field(default=False, description="Allow model code from the model directory to run.")
+    output_dir: Path | None = Field(default=None, description="Run directory (default: runs/<name>).")
+    cache_dir: Path = Field(
+        default=Path("~/.cache/tuneloop"), description="Where converted base models are cached."
+    )
+    data: DataConfig
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    registry: RegistryConfig = RegistryConfig()
+    serve: ServeConfig = ServeConfig()
+
+    @property
+    def run_dir(self) -> Path:
+        return self.output_dir or Path("runs") / self.name
+
+    @property
+    def model_name(self) -> str:
+        return self.registry.model_name or self.name
+
+
+def load_config(path: Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config, apply `section.key=value` overrides, validate, and resolve relative paths."""
+    path = Path(path)
+    if not path.is_file():
+        raise TuneloopError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.MarkedYAMLError as err:
+        line = err.problem_mark.line + 1 if err.problem_mark else 0
+        raise TuneloopError(f"{path}:{line}: invalid YAML: {err.problem}") from None
+    if not isinstance(raw, dict):
+        raise TuneloopError(f"{path}: the config must be a mapping of sections, got {type(raw).__name__}")
+    for override in overrides or []:
+        _apply_override(raw, override)
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise TuneloopError(f"{path}: {_describe(err)}") from None
+    return _resolve_paths(cfg, path.parent)
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    key, sep, value = override.partition("=")
+    if not sep or not key:
+        raise TuneloopError(f"--set {override!r}: expected section.key=value")
+    *parents, leaf = key.strip().split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise TuneloopError(f"--set {override!r}: {part!r} is not a section")
+    node[leaf] = yaml.safe_load(value) if value.strip() else ""
+
+
+def _describe(err: ValidationError) -> str:
+    """The first validation problem in one line, with the closest valid key for a misspelled one."""
+    problem = err.errors()[0]
+    loc = ".".join(str(p) for p in problem["loc"])
+    if problem["type"] == "extra_forbidden":
+        valid = _valid_keys(problem["loc"][:-1])
+        close = difflib.get_close_matches(str(problem["loc"][-1]), valid, n=1, cutoff=0.5)
+        hint = f"; did you mean {'.'.join([*map(str, problem['loc'][:-1]), close[0]])!r}?" if close else ""
+        return f"unknown key {loc!r}{hint} (valid keys here: {', '.join(valid)})"
+    if problem["type"] == "missing":
+        return f"missing required key {loc!r}"
+    return f"{loc}: {problem['msg']} (got {problem.get('input')!r})"
+
+
+def _valid_keys(parent_loc: tuple) -> list[str]:
+    model: type[BaseModel] = RunConfig
+    for part in parent_loc:
+        annotation = model.model_fields[str(part)].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _resolve_paths(cfg: RunConfig, base: Path) -> RunConfig:
+    def resolve(p: Path | None) -> Path | None:
+        return None if p is None else (p.expanduser() if p.expanduser().is_absolute() else (base / p).resolve())
+
+    data = cfg.data.model_copy(
+        update={
+            "path": resolve(cfg.data.path),
+            "test_path": resolve(cfg.data.test_path),
+            "answer_schema": resolve(cfg.data.answer_schema),
+        }
+    )
+    return cfg.model_copy(update={"data": data, "cache_dir": cfg.cache_dir.expanduser()})

@@ -1,0 +1,89 @@
+"""Batched greedy generation for evaluation: left padding, KV cache, longest prompts first."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from tuneloop.artifacts import BaseModelRef
+from tuneloop.models import load_model, load_tokenizer
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    latency_ms: float  # the batch's wall time shared among its rows
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def generate_answers(
+    base: BaseModelRef,
+    adapter_dir: Path | None,
+    prompts: list[list[dict[str, str]]],
+    max_new_tokens: int,
+    batch_size: int,
+    label: str,
+) -> list[Generation]:
+    """Answer each chat prompt greedily with the base model, or with the adapter on top of it."""
+    import torch
+
+    tokenizer = load_tokenizer(base)
+    tokenizer.padding_side = "left"
+    model = load_model(base)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    model.eval()
+
+    encoded = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))  # similar lengths share a batch
+    results: list[Generation | None] = [None] * len(prompts)
+    with _progress(label) as progress, torch.inference_mode():
+        task = progress.add_task(label, total=len(prompts), rate="")
+        generated_tokens = 0
+        started = time.perf_counter()
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            inputs = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt")
+            t0 = time.perf_counter()
+            output = model.generate(
+                **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            )
+            elapsed_ms = (time.perf_counter() - t0) * 1000
+            new_tokens = output[:, inputs["input_ids"].shape[1] :]  # (B, new)
+            for row, tokens in zip(batch, new_tokens):
+                n = _length_until_eos(tokens.tolist(), tokenizer)
+                generated_tokens += n
+                results[row] = Generation(
+                    text=tokenizer.decode(tokens[:n], skip_special_tokens=True),
+                    latency_ms=elapsed_ms / len(batch),
+                    prompt_tokens=len(encoded[row]),
+                    completion_tokens=n,
+                )
+            rate = generated_tokens / (time.perf_counter() - started)
+            progress.update(task, advance=len(batch), rate=f"{rate:,.0f} tok/s")
+    return results  # type: ignore[return-value]
+
+
+def _length_until_eos(tokens: list[int], tokenizer) -> int:
+    stops = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    for index, token in enumerate(tokens):
+        if token in stops:
+            return index
+    return len(tokens)
+
+
+def _progress(label: str) -> Progress:
+    return Progress(
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )

@@ -1,0 +1,5 @@
+"""Registry stage: versions, lineage and headline metrics on MLflow."""
+
+from tuneloop.registry.store import HEADLINE, adapter_paths, list_versions, register
+
+__all__ = ["HEADLINE", "adapter_paths", "list_versions", "register"]

@@ -1,0 +1,144 @@
+"""Model versions on MLflow: a local SQLite store by default, or any tracking server."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from tuneloop.artifacts import Adapter, Dataset, EvalReport, ModelVersion
+from tuneloop.config import RegistryConfig
+from tuneloop.errors import TuneloopError
+
+# MLflow would otherwise send usage telemetry from every user's machine.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+EXPERIMENT = "tuneloop"
+HEADLINE = ("schema_valid", "json_valid", "field_accuracy", "rouge_l")
+
+
+def register(
+    cfg: RegistryConfig, name: str, adapter: Adapter, report: EvalReport, data: Dataset, run_config: dict[str, Any]
+) -> ModelVersion:
+    """Log the run (params, per-step metrics, eval metrics, config, adapter) and register the adapter as a
+    new version of model `name`."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    client = _client(cfg)
+    experiment_id = _experiment(client, cfg)
+    run = client.create_run(experiment_id, run_name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_id = run.info.run_id
+    params = {
+        "base_model": adapter.base_model,
+        "method": adapter.method,
+        "dataset_hash": data.hash,
+        **{f"train.{k}": v for k, v in adapter.params.items()},
+        **{f"data.{k}": v for k, v in data.counts.items()},
+    }
+    now = int(time.time() * 1000)
+    metrics = [
+        Metric(key, value, now, entry["step"])
+        for entry in adapter.history
+        for key, value in entry.items()
+        if key != "step"
+    ]
+    metrics += [Metric(f"baseline.{k}", v, now, 0) for k, v in report.baseline.items()]
+    metrics += [Metric(f"candidate.{k}", v, now, 0) for k, v in (report.candidate or {}).items()]
+    for start in range(0, max(len(metrics), 1), 900):  # MLflow caps one batch at 1000 metrics
+        client.log_batch(
+            run_id,
+            metrics=metrics[start : start + 900],
+            params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()] if start == 0 else [],
+            tags=[mlflow.entities.RunTag("dataset_hash", data.hash), mlflow.entities.RunTag("base_model", adapter.base_model)]
+            if start == 0
+            else [],
+        )
+    client.log_dict(run_id, run_config, "config.yaml")
+    client.log_artifacts(run_id, str(adapter.dir), "adapter")
+    client.set_terminated(run_id)
+
+    headline = {k: v for k, v in (report.candidate or {}).items() if k in HEADLINE}
+    if not client.search_registered_models(filter_string=f"name = '{name}'"):
+        client.create_registered_model(name, tags={"base_model": adapter.base_model})
+    version = client.create_model_version(
+        name,
+        source=f"{run.info.artifact_uri}/adapter",
+        run_id=run_id,
+        tags={
+            "base_model": adapter.base_model,
+            "dataset_hash": data.hash,
+            **{f"metric.{k}": f"{v:.4f}" for k, v in headline.items()},
+            **{f"baseline.{k}": f"{report.baseline[k]:.4f}" for k in headline if k in report.baseline},
+        },
+        description=f"LoRA adapter on {adapter.base_model}, dataset {data.hash[:12]}",
+    )
+    return _to_artifact(version)
+
+
+def list_versions(cfg: RegistryConfig, name: str | None = None) -> list[ModelVersion]:
+    """Every registered version (of one model when `name` is given), newest first."""
+    client = _client(cfg)
+    found = client.search_model_versions(f"name = '{name}'" if name else None)
+    return sorted((_to_artifact(v) for v in found), key=lambda v: (v.name, -v.version))
+
+
+def adapter_paths(cfg: RegistryConfig, base_model: str) -> dict[str, Path]:
+    """Local adapter directories of every version trained on `base_model`, by served name:
+    `<model>-v<N>` for each version and `<model>` for the newest."""
+    from mlflow.artifacts import download_artifacts
+
+    _client(cfg)
+    paths: dict[str, Path] = {}
+    for version in list_versions(cfg):
+        if version.base_model != base_model:
+            continue
+        local = Path(download_artifacts(artifact_uri=version.source))
+        paths.setdefault(version.name, local)  # newest first, so the bare name is the latest version
+        paths[f"{version.name}-v{version.version}"] = local
+    return paths
+
+
+def _client(cfg: RegistryConfig):
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = cfg.tracking_uri or default_tracking_uri()
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        client.search_experiments(max_results=1)
+    except Exception as err:  # MLflow raises many store-specific errors
+        raise TuneloopError(f"registry {uri}: cannot open it ({type(err).__name__}: {str(err)[:200]})") from None
+    return client
+
+
+def default_tracking_uri() -> str:
+    return f"sqlite:///{Path.cwd() / 'mlruns' / 'mlflow.db'}"
+
+
+def _experiment(client, cfg: RegistryConfig) -> str:
+    existing = client.get_experiment_by_name(EXPERIMENT)
+    if existing is not None:
+        return existing.experiment_id
+    location = None
+    if not cfg.tracking_uri:  # local default: keep artifacts beside the database
+        location = (Path.cwd() / "mlruns" / "artifacts").as_uri()
+    return client.create_experiment(EXPERIMENT, artifact_location=location)
+
+
+def _to_artifact(version) -> ModelVersion:
+    tags = version.tags or {}
+    return ModelVersion(
+        name=version.name,
+        version=int(version.version),
+        run_id=version.run_id,
+        source=version.source,
+        base_model=tags.get("base_model", ""),
+        dataset_hash=tags.get("dataset_hash", ""),
+        metrics={k.removeprefix("metric."): float(v) for k, v in tags.items() if k.startswith("metric.")},
+    )

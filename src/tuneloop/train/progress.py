@@ -1,0 +1,58 @@
+"""A rich progress bar for the Hugging Face trainer: loss, tokens/s and ETA."""
+
+from __future__ import annotations
+
+import time
+
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from transformers import TrainerCallback
+
+
+class RichProgress(TrainerCallback):
+    def __init__(self, total_steps: int) -> None:
+        self.total_steps = total_steps
+        self.tokens = 0
+        self._progress: Progress | None = None
+        self._task = None
+        self._started = 0.0
+        self._loss = float("nan")
+        self._val_loss: float | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._progress = Progress(
+            TextColumn("[bold]training"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total} steps"),
+            TextColumn("{task.fields[stats]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+        )
+        self._progress.start()
+        self._task = self._progress.add_task("train", total=self.total_steps, stats="")
+        self._started = time.perf_counter()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if "loss" in logs:
+            self._loss = float(logs["loss"])
+        if "eval_loss" in logs:
+            self._val_loss = float(logs["eval_loss"])
+        if "num_tokens" in logs:
+            self.tokens = int(float(logs["num_tokens"]))
+        self._refresh(state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._refresh(state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._progress is not None:
+            self._refresh(state.global_step)
+            self._progress.stop()
+
+    def _refresh(self, step: int) -> None:
+        if self._progress is None:
+            return
+        rate = self.tokens / max(time.perf_counter() - self._started, 1e-9)
+        val = f" val {self._val_loss:.3f}" if self._val_loss is not None else ""
+        self._progress.update(self._task, completed=step, stats=f"loss {self._loss:.3f}{val} · {rate:,.0f} tok/s")

@@ -1,0 +1,63 @@
+from pathlib import Path
+
+import pytest
+
+from tuneloop.config import load_config
+from tuneloop.errors import TuneloopError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+MINIMAL = "name: demo\ndata:\n  path: data.jsonl\n"
+
+
+def test_defaults_follow_common_lora_practice(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL))
+    t = cfg.train
+    assert (t.lora_r, t.lora_alpha, t.lora_dropout, t.target_modules) == (16, 32, 0.05, "all-linear")
+    assert (t.learning_rate, t.lr_scheduler, t.warmup_ratio, t.epochs) == (2e-4, "cosine", 0.1, 3)
+    assert t.completion_only_loss is True
+    assert cfg.base_model == "smollm2-135m-instruct"
+    assert cfg.trust_remote_code is False
+    assert cfg.run_dir == Path("runs/demo")
+    assert cfg.data.path == (tmp_path / "data.jsonl").resolve()  # relative to the config file
+
+
+def test_set_overrides_are_typed(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL), ["train.epochs=2", "train.target_modules=[q_proj, v_proj]", "name=other"])
+    assert cfg.train.epochs == 2
+    assert cfg.train.target_modules == ["q_proj", "v_proj"]
+    assert cfg.name == "other"
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (MINIMAL + "trian:\n  epochs: 1\n", "unknown key 'trian'; did you mean 'train'?"),
+        (MINIMAL + "train:\n  lora_rank: 8\n", "unknown key 'train.lora_rank'; did you mean 'train.lora_r'?"),
+        (MINIMAL + "train:\n  lr_scheduler: cosinus\n", "train.lr_scheduler"),
+        ("name: demo\n", "missing required key 'data'"),
+        (MINIMAL + "train: [1, 2\n", "invalid YAML"),
+    ],
+)
+def test_config_errors_name_the_key(tmp_path, text, expected):
+    with pytest.raises(TuneloopError, match=None) as caught:
+        load_config(write(tmp_path, text))
+    assert expected in str(caught.value)
+    assert str(caught.value).startswith(str(tmp_path / "config.yaml"))
+
+
+def test_bad_override_is_reported(tmp_path):
+    with pytest.raises(TuneloopError, match="expected section.key=value"):
+        load_config(write(tmp_path, MINIMAL), ["train.epochs"])
+    with pytest.raises(TuneloopError, match="unknown key 'train.epoch'; did you mean 'train.epochs'"):
+        load_config(write(tmp_path, MINIMAL), ["train.epoch=1"])
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(TuneloopError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
