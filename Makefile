@@ -24,6 +24,7 @@ demo: install
 	$(VENV)/bin/tuneloop run examples/ticket-triage/config.yaml
 
 test: install
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 clean:

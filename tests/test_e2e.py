@@ -187,3 +187,15 @@ def test_first_errors_are_one_clear_line(case, expected, tiny_model_dir, tmp_pat
     error_lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(error_lines) == 1, result.stderr
     assert expected in error_lines[0]
+
+
+def test_registry_turns_mlflow_telemetry_off(monkeypatch):
+    import importlib
+
+    monkeypatch.delenv("MLFLOW_DISABLE_TELEMETRY", raising=False)
+    import tuneloop.registry.store as store
+
+    importlib.reload(store)
+    from mlflow.environment_variables import MLFLOW_DISABLE_TELEMETRY
+
+    assert MLFLOW_DISABLE_TELEMETRY.get() is True  # read by MLflow itself, not only in pytest/CI

@@ -52,3 +52,10 @@ def test_rouge_l_orders_answers_by_overlap():
     reference = "the customer was charged twice for march"
     assert graders.rouge_l("customer charged twice in march", reference) > graders.rouge_l("printer broken", reference)
     assert graders.rouge_l("", reference) == 0.0
+
+
+def test_free_text_fields_are_left_out_of_field_accuracy():
+    fields = graders.categorical_fields(SCHEMA)
+    assert fields == ["category", "product", "priority", "needs_human"]
+    answer = json.dumps(json.loads(REFERENCE) | {"summary": "Different words entirely."})
+    assert graders.field_matches(answer, REFERENCE, fields) == dict.fromkeys(fields, True)

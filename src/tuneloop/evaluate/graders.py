@@ -35,15 +35,26 @@ def _validator(schema_text: str) -> jsonschema.protocols.Validator:
     return jsonschema.validators.validator_for(schema)(schema)
 
 
-def field_matches(answer: str, reference: str) -> dict[str, bool] | None:
-    """Per top-level field of a JSON-object reference: does the answer hold the same value?
-    None when the reference is not a JSON object (the metric does not apply)."""
+def field_matches(answer: str, reference: str, fields: list[str] | None = None) -> dict[str, bool] | None:
+    """Per top-level field of a JSON-object reference (or only `fields`): does the answer hold the
+    same value? None when the reference is not a JSON object (the metric does not apply)."""
     expected = parse_json(reference)
     if not isinstance(expected, dict):
         return None
     got = parse_json(answer)
     got = got if isinstance(got, dict) else {}
-    return {key: key in got and _same(got[key], value) for key, value in expected.items()}
+    keys = [k for k in expected if fields is None or k in fields]
+    return {key: key in got and _same(got[key], expected[key]) for key in keys}
+
+
+def categorical_fields(schema: dict) -> list[str]:
+    """Top-level properties with a closed set of values (enum, boolean, number), where an exact
+    comparison is meaningful; free-text fields are left to ROUGE-L."""
+    closed = []
+    for name, spec in schema.get("properties", {}).items():
+        if "enum" in spec or "const" in spec or spec.get("type") in ("boolean", "integer", "number"):
+            closed.append(name)
+    return closed
 
 
 def _same(got: Any, expected: Any) -> bool:

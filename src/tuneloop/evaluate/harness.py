@@ -63,6 +63,7 @@ def _score_cached(directory: Path, fingerprint: dict, rows, schema, generate) ->
 
 def _score(directory: Path, rows: list[dict], generations: list[Generation], schema: dict | None) -> dict:
     """Grade every answer, write the per-row predictions, and average into metrics."""
+    compared_fields = graders.categorical_fields(schema) if schema else None
     per_row = []
     for row, gen in zip(rows, generations):
         reference = row["messages"][-1]["content"]
@@ -73,7 +74,7 @@ def _score(directory: Path, rows: list[dict], generations: list[Generation], sch
         }
         if schema is not None:
             grades["schema_valid"] = float(graders.schema_valid(gen.text, schema))
-        fields = graders.field_matches(gen.text, reference)
+        fields = graders.field_matches(gen.text, reference, compared_fields)
         if fields:
             grades["field_accuracy"] = mean(map(float, fields.values()))
             grades.update({f"field.{name}": float(ok) for name, ok in fields.items()})
