@@ -96,6 +96,8 @@ class Engine:
         try:
             for piece in streamer:
                 text += piece
+                # Stop strings are matched here on the decoded text (not by generate's token-level
+                # matcher), so the cut is exact; breaking out cancels the generation.
                 cut = _first_stop(text, sampling.stop)
                 if cut is not None:
                     text, stopped = text[:cut], True
@@ -159,8 +161,6 @@ class Engine:
 
     def _generation_kwargs(self, sampling: Sampling) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"max_new_tokens": sampling.max_tokens, "pad_token_id": self.tokenizer.pad_token_id}
-        if sampling.stop:
-            kwargs |= {"stop_strings": list(sampling.stop), "tokenizer": self.tokenizer}
         if not sampling.temperature:
             return kwargs | {"do_sample": False}
         # OpenAI's sampling has no top-k; 0 turns off any top_k the model's generation config sets.
