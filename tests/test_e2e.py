@@ -199,3 +199,20 @@ def test_registry_turns_mlflow_telemetry_off(monkeypatch):
     from mlflow.environment_variables import MLFLOW_DISABLE_TELEMETRY
 
     assert MLFLOW_DISABLE_TELEMETRY.get() is True  # read by MLflow itself, not only in pytest/CI
+
+
+def test_each_stage_runs_alone(tiny_model_dir, tmp_path):
+    config = str(write_config(tmp_path, tiny_model_dir))
+    for step in (["data", config], ["eval", config, "--baseline-only"], ["train", config], ["eval", config]):
+        result = tuneloop(*step, cwd=tmp_path)
+        assert result.returncode == 0, f"{step}: {result.stderr[-2000:]}"
+    assert "schema compliance" in result.stdout
+    registered = tuneloop("registry", "register", config, cwd=tmp_path)
+    assert registered.returncode == 0, registered.stderr[-2000:]
+    assert "registered triage-e2e version 1" in registered.stdout
+
+
+def test_train_before_data_says_what_to_run(tiny_model_dir, tmp_path):
+    result = tuneloop("train", str(write_config(tmp_path, tiny_model_dir)), cwd=tmp_path)
+    assert result.returncode == 1
+    assert "run `tuneloop data CONFIG` first" in result.stderr
