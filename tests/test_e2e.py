@@ -51,7 +51,8 @@ eval:
 def finished_run(tiny_model_dir, tmp_path_factory):
     project = tmp_path_factory.mktemp("project")
     config = write_config(project, tiny_model_dir)
-    result = tuneloop("run", str(config), cwd=project)
+    # Random tiny weights score 0 % before and after training, so the gate would refuse the version.
+    result = tuneloop("run", str(config), "--set", "eval.enforce_gate=false", cwd=project)
     assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-3000:]
     return project, config, result
 

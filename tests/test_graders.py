@@ -59,3 +59,87 @@ def test_free_text_fields_are_left_out_of_field_accuracy():
     assert fields == ["category", "product", "priority", "needs_human"]
     answer = json.dumps(json.loads(REFERENCE) | {"summary": "Different words entirely."})
     assert graders.field_matches(answer, REFERENCE, fields) == dict.fromkeys(fields, True)
+
+
+def test_normalized_match_ignores_case_punctuation_articles_and_spacing():
+    assert graders.normalized_match("  The Printer is BROKEN! ", "printer is broken")
+    assert not graders.normalized_match("printer is fixed", "printer is broken")
+    assert not graders.exact_match("The printer is broken!", "printer is broken")
+
+
+def test_regex_match_searches_the_answer():
+    assert graders.regex_match('{"priority": "urgent"}', r'"priority":\s*"(high|urgent)"')
+    assert not graders.regex_match('{"priority": "low"}', r'"priority":\s*"(high|urgent)"')
+
+
+def test_extract_label_from_json_field_or_plain_answer():
+    assert graders.extract_label(REFERENCE, "category") == "billing"
+    assert graders.extract_label(REFERENCE, "needs_human") == "true"
+    assert graders.extract_label(REFERENCE[:-2], "category") is None  # malformed JSON: no label
+    assert graders.extract_label(' "Billing."\n', None) == "billing"
+    assert graders.enum_labels(SCHEMA, "priority") == ["low", "medium", "high", "urgent"]
+
+
+def test_bleu_and_chrf_from_summed_statistics_equal_sacrebleu_corpus_scores():
+    from sacrebleu.metrics import BLEU, CHRF
+
+    answers = ["the customer was charged twice for march", "the app crashes on launch", "printer"]
+    references = ["the customer was charged twice in march", "the android app crashes at launch", "a printer jam"]
+    bleu = [sum(column) for column in zip(*graders.bleu_statistics(answers, references))]
+    chrf = [sum(column) for column in zip(*graders.chrf_statistics(answers, references))]
+    assert graders.bleu_from_statistics(bleu) == pytest.approx(BLEU().corpus_score(answers, [references]).score / 100)
+    assert graders.chrf_from_statistics(chrf) == pytest.approx(CHRF().corpus_score(answers, [references]).score / 100)
+    perfect = [sum(c) for c in zip(*graders.bleu_statistics(references, references))]
+    assert graders.bleu_from_statistics(perfect) == pytest.approx(1.0)
+
+
+def test_embedding_similarity_ranks_paraphrase_above_unrelated():
+    pytest.importorskip("sentence_transformers")
+    reference = "The customer was charged twice this month."
+    close, far = graders.embedding_similarity(
+        ["I was billed two times this month.", "The printer on floor three is jammed."], [reference, reference]
+    )
+    assert 0.0 <= far < close <= 1.0
+    assert graders.embedding_similarity([reference], [reference])[0] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_classification_on_hand_built_answers():
+    from tuneloop.evaluate.classification import INVALID, classify
+
+    labels = ["billing", "bug", "how_to"]
+    references = [json.dumps({"category": c}) for c in ("billing", "billing", "bug", "bug", "how_to")]
+    answers = [
+        json.dumps({"category": "billing"}),  # right
+        json.dumps({"category": "refund"}),  # a label outside the label set
+        json.dumps({"category": "bug"}),  # right
+        json.dumps({"category": "billing"}),  # wrong but valid
+        '{"category": "how_to"',  # malformed JSON
+    ]
+    truth = [graders.extract_label(r, "category") for r in references]
+    predicted = [graders.extract_label(a, "category") for a in answers]
+    result = classify(truth, predicted, labels)
+
+    assert result["columns"] == [*labels, INVALID]
+    assert result["confusion"] == [[1, 0, 0, 1], [1, 1, 0, 0], [0, 0, 0, 1]]
+    assert result["accuracy"] == pytest.approx(2 / 5)
+    billing, bug, how_to = (result["per_label"][name] for name in labels)
+    assert (billing["precision"], billing["recall"], billing["f1"]) == pytest.approx((1 / 2, 1 / 2, 1 / 2))
+    assert (bug["precision"], bug["recall"], bug["f1"]) == pytest.approx((1.0, 1 / 2, 2 / 3))
+    assert (how_to["precision"], how_to["recall"], how_to["f1"], how_to["support"]) == (0.0, 0.0, 0.0, 1)
+    assert result["macro_f1"] == pytest.approx((1 / 2 + 2 / 3 + 0.0) / 3)
+
+
+def test_metric_set_on_a_json_answer_with_one_wrong_field_and_a_malformed_one():
+    from tuneloop.evaluate.metrics import default_metrics, gate_keys, grade
+
+    wrong_priority = json.dumps(json.loads(REFERENCE) | {"priority": "low"})
+    specs = default_metrics(SCHEMA)
+    graded = grade(specs, [REFERENCE] * 3, [REFERENCE, wrong_priority, REFERENCE[:-2]], SCHEMA)
+
+    assert gate_keys(specs, SCHEMA) == ["schema_valid"]
+    assert graded.per_row["schema_valid"] == [1.0, 1.0, 0.0]
+    assert graded.per_row["field_accuracy"] == [1.0, 0.75, 0.0]  # four closed fields, one wrong
+    assert graded.per_row["field.priority"] == [1.0, 0.0, 0.0]
+    assert graded.per_row["category.accuracy"] == [1.0, 1.0, 0.0]
+    assert graded.metrics["json_valid"] == pytest.approx(2 / 3)
+    assert graded.classification["category"]["confusion"][0][-1] == 1  # the malformed answer: (invalid)

@@ -80,6 +80,16 @@ class EvalReport:
     baseline: dict[str, float]
     candidate: dict[str, float] | None
     report: Path | None = None
+    # 95 % bootstrap intervals [low, high] per metric, and [difference, low, high] for candidate - baseline
+    baseline_ci: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    candidate_ci: dict[str, list[float]] | None = None
+    difference: dict[str, list[float]] | None = None
+    # per-row flips on pass/fail metrics: {"metric": {"fixed": [row, ...], "broken": [row, ...]}}
+    flips: dict[str, dict[str, list[int]]] | None = None
+    gate_metrics: list[str] = dataclasses.field(default_factory=list)
+    gate_passed: bool | None = None  # None: no candidate to gate
+    gate_failures: list[str] = dataclasses.field(default_factory=list)
+    html_report: Path | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -92,13 +92,13 @@ def run(config: ConfigArg, set: SetOpt = None, debug: DebugOpt = False) -> None:
     """Whole loop: data -> baseline eval -> LoRA training -> eval -> report -> registry."""
     from tuneloop.data import prepare
     from tuneloop.evaluate import evaluate
-    from tuneloop.evaluate.report import comparison_table
+    from tuneloop.evaluate.report import comparison_table, verdict
     from tuneloop.registry import register
     from tuneloop.train import train
 
     cfg = _load(config, set)
     base = _base(cfg)
-    data = prepare(cfg.data, cfg.run_dir)
+    data = prepare(cfg.data, cfg.run_dir, base)
     _print_counts(data)
     console.print("[bold]1/3[/] evaluating the baseline (base model, same system prompt)")
     evaluate(cfg.eval, data, base, None, cfg.run_dir)
@@ -106,10 +106,13 @@ def run(config: ConfigArg, set: SetOpt = None, debug: DebugOpt = False) -> None:
     adapter = train(cfg.train, data, base, cfg.run_dir)
     console.print("[bold]3/3[/] evaluating the fine-tuned model on the same test rows")
     report = evaluate(cfg.eval, data, base, adapter, cfg.run_dir)
-    version = register(cfg.registry, cfg.model_name, adapter, report, data, cfg.model_dump(mode="json"))
     console.print(comparison_table(report))
+    console.print(verdict(report), highlight=False)
+    console.print(f"results: {cfg.run_dir.resolve()}  (report.md, eval_report.html, loss.png, metrics.png)")
+    if report.gate_passed is False and cfg.eval.enforce_gate:
+        raise typer.Exit(3)  # refused: not registered, so never served
+    version = register(cfg.registry, cfg.model_name, adapter, report, data, cfg.model_dump(mode="json"))
     console.print(f"registered [bold]{version.name}[/] version {version.version}")
-    console.print(f"results: {cfg.run_dir.resolve()}  (report.md, loss.png, metrics.png)")
 
 
 @app.command()
@@ -119,18 +122,23 @@ def data(config: ConfigArg, set: SetOpt = None, debug: DebugOpt = False) -> None
     from tuneloop.data import prepare
 
     cfg = _load(config, set)
-    _print_counts(prepare(cfg.data, cfg.run_dir))
+    _print_counts(prepare(cfg.data, cfg.run_dir, _base(cfg)))
     console.print(f"data: {(cfg.run_dir / 'data').resolve()}")
 
 
 @app.command()
 @user_errors
-def train(config: ConfigArg, set: SetOpt = None, debug: DebugOpt = False) -> None:
+def train(
+    config: ConfigArg,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its newest checkpoint.")] = False,
+    set: SetOpt = None,
+    debug: DebugOpt = False,
+) -> None:
     """Train a LoRA adapter on the prepared data."""
     from tuneloop.train import train as train_stage
 
     cfg = _load(config, set)
-    adapter = train_stage(cfg.train, _dataset(cfg), _base(cfg), cfg.run_dir)
+    adapter = train_stage(cfg.train, _dataset(cfg), _base(cfg), cfg.run_dir, resume=resume)
     console.print(f"adapter: {adapter.dir.resolve()}  (train loss {adapter.train_loss:.4f})")
 
 
@@ -139,17 +147,23 @@ def train(config: ConfigArg, set: SetOpt = None, debug: DebugOpt = False) -> Non
 def eval_(
     config: ConfigArg,
     baseline_only: Annotated[bool, typer.Option(help="Score only the base model.")] = False,
+    gate: Annotated[bool, typer.Option(help="Exit 3 unless the fine-tune beats the baseline on every gate metric.")] = False,
     set: SetOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Score the baseline and the fine-tuned adapter on the test split."""
     from tuneloop.evaluate import evaluate
-    from tuneloop.evaluate.report import comparison_table
+    from tuneloop.evaluate.report import comparison_table, verdict
 
     cfg = _load(config, set)
     adapter = None if baseline_only else _adapter(cfg)
     report = evaluate(cfg.eval, _dataset(cfg), _base(cfg), adapter, cfg.run_dir)
     console.print(comparison_table(report))
+    console.print(verdict(report), highlight=False)
+    if report.html_report is not None:
+        console.print(f"report: {report.html_report.resolve()}")
+    if gate and report.gate_passed is False:
+        raise typer.Exit(3)
 
 
 @app.command()

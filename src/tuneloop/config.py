@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tuneloop.errors import TuneloopError
 
@@ -19,7 +20,10 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    path: Path = Field(description="Training examples: a JSONL file (chat `messages` or `prompt`/`completion`).")
+    path: Path = Field(
+        description="Training examples: a JSONL, CSV or text file, or a directory of them (chat `messages`, "
+        "Alpaca, ShareGPT, `prompt`/`completion`, `prompt`/`chosen`/`rejected`, or plain text)."
+    )
     test_path: Path | None = Field(
         default=None, description="Optional held-out test file; when given, it is the test split and never trained on."
     )
@@ -35,10 +39,63 @@ class DataConfig(Section):
     max_reject_fraction: float = Field(
         default=0.1, ge=0.0, le=1.0, description="Stop the run when more than this share of rows is rejected."
     )
+    format: Literal["auto", "chat", "alpaca", "sharegpt", "prompt_completion", "preference", "csv", "text"] = Field(
+        default="auto",
+        description="Row format of every data file; `auto` decides per file from its extension and first row.",
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="CSV only: row key -> column name, e.g. {prompt: question, completion: answer}.",
+    )
+    fix_line_ends: bool = Field(
+        default=False, description="Strip a byte-order mark and CRLF line endings instead of rejecting those rows."
+    )
+    max_tokens: int | None = Field(
+        default=None, gt=0, description="Reject rows longer than this many tokens (default: the base model's context)."
+    )
+    near_duplicate_threshold: float | None = Field(
+        default=0.85,
+        gt=0.0,
+        le=1.0,
+        description="Rows whose word 5-grams have at least this Jaccard similarity are near duplicates; null: off.",
+    )
+    min_answer_chars: int = Field(default=1, ge=0, description="Remove rows whose answer is shorter than this.")
+    max_row_chars: int = Field(default=100_000, gt=0, description="Remove rows longer than this many characters.")
+    drop_refusals: bool = Field(default=True, description="Remove rows whose answer is refusal boilerplate.")
+    pii_action: Literal["redact", "drop", "keep"] = Field(
+        default="redact",
+        description="Rows with emails, phones, card numbers, IBANs, IPs or secrets: replace each with [KIND], "
+        "drop the row, or keep it as is (counted in every case).",
+    )
+    pii_patterns: dict[str, str] = Field(
+        default_factory=dict, description="Extra personal-data regexes by kind name, handled like the built-in ones."
+    )
+    perplexity_percentile: float | None = Field(
+        default=None,
+        gt=0.0,
+        lt=100.0,
+        description="Score training rows with the base model and drop those above this perplexity percentile.",
+    )
+    label_field: str | None = Field(
+        default=None,
+        description="Stratify the split on this field of a JSON answer (label answers are stratified anyway).",
+    )
+
+    @field_validator("pii_patterns")
+    @classmethod
+    def _compiles(cls, patterns: dict[str, str]) -> dict[str, str]:
+        for name, pattern in patterns.items():
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"pii_patterns.{name} is not a valid regex: {err}") from None
+        return patterns
 
 
 class TrainConfig(Section):
-    method: Literal["lora"] = Field(default="lora", description="Training method.")
+    method: Literal["lora", "qlora"] = Field(
+        default="lora", description="`lora`, or `qlora` (4-bit NF4 base via bitsandbytes; needs a CUDA GPU)."
+    )
     lora_r: int = Field(default=16, gt=0, description="LoRA rank.")
     lora_alpha: int = Field(default=32, gt=0, description="LoRA alpha (scaling numerator).")
     lora_dropout: float = Field(default=0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA path.")
@@ -54,14 +111,81 @@ class TrainConfig(Section):
     gradient_accumulation: int = Field(default=1, gt=0, description="Steps to accumulate before an update.")
     max_seq_length: int = Field(default=1024, gt=0, description="Longest tokenized example.")
     completion_only_loss: bool = Field(default=True, description="Train on the assistant's answer only.")
-    eval_steps: int | None = Field(default=None, gt=0, description="Validation loss every N steps (default: per epoch).")
+    eval_steps: int | None = Field(
+        default=None, gt=0, description="Validation loss every N steps (default: four times per run)."
+    )
+    save_steps: int = Field(
+        default=50, gt=0, description="Checkpoint every N steps and at each epoch's end, for `train --resume`."
+    )
+    early_stopping_patience: int | None = Field(
+        default=None, gt=0, description="Stop after this many validations without a lower validation loss."
+    )
     seed: int = Field(default=42, description="Seed for adapter init and data order.")
+
+
+GraderName = Literal[
+    "exact_match",
+    "normalized_match",
+    "regex",
+    "json_valid",
+    "schema_valid",
+    "field_accuracy",
+    "classification",
+    "rouge_l",
+    "bleu",
+    "chrf",
+    "embedding_similarity",
+]
+
+
+class MetricConfig(Section):
+    name: GraderName = Field(description="The grader that scores every answer against its reference.")
+    gate: bool = Field(
+        default=False, description="Promote only when the fine-tune beats the baseline here (CI of the difference > 0)."
+    )
+    field: str | None = Field(
+        default=None, description="classification: the JSON field holding the label (default: the whole answer)."
+    )
+    labels: list[str] | None = Field(
+        default=None, description="classification: the label set (default: the schema's enum, else the references')."
+    )
+    fields: list[str] | None = Field(
+        default=None, description="field_accuracy: fields compared (default: the schema's closed-valued fields)."
+    )
+    pattern: str | None = Field(default=None, description="regex: the answer must contain a match of this pattern.")
+
+    @model_validator(mode="after")
+    def _options_fit_the_grader(self) -> MetricConfig:
+        if self.name == "regex" and not self.pattern:
+            raise ValueError("the regex grader needs `pattern`")
+        if self.pattern is not None and self.name != "regex":
+            raise ValueError("`pattern` applies to the regex grader only")
+        if (self.field is not None or self.labels is not None) and self.name != "classification":
+            raise ValueError("`field` and `labels` apply to the classification grader only")
+        if self.fields is not None and self.name != "field_accuracy":
+            raise ValueError("`fields` applies to the field_accuracy grader only")
+        return self
 
 
 class EvalConfig(Section):
     max_new_tokens: int = Field(default=128, gt=0, description="Longest generated answer.")
     batch_size: int = Field(default=16, gt=0, description="Prompts generated together (left-padded).")
     max_rows: int | None = Field(default=None, gt=0, description="Evaluate only the first N test rows.")
+    metrics: list[MetricConfig] = Field(
+        default_factory=list,
+        description="Graders to run (default: JSON validity, schema compliance, per-field and label accuracy, "
+        "ROUGE-L and exact match with a schema; ROUGE-L and exact match without). The gate defaults to "
+        "schema compliance with a schema, else the first metric.",
+    )
+    bootstrap_resamples: int = Field(
+        default=1000, ge=100, description="Bootstrap resamples for the 95 % confidence intervals."
+    )
+    seed: int = Field(default=0, description="Seed of the bootstrap resampling.")
+    enforce_gate: bool = Field(
+        default=True,
+        description="`tuneloop run`: when the fine-tune fails the gate, register nothing and exit with code 3; "
+        "false only reports the verdict (smoke tests on toy models).",
+    )
 
 
 class RegistryConfig(Section):

@@ -88,7 +88,9 @@ def load_tokenizer(base: BaseModelRef):
     return tokenizer
 
 
-def load_model(base: BaseModelRef):
+def load_model(base: BaseModelRef, quantization_config=None):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(base.path, trust_remote_code=base.trust_remote_code)
+    return AutoModelForCausalLM.from_pretrained(
+        base.path, trust_remote_code=base.trust_remote_code, quantization_config=quantization_config
+    )

@@ -1,64 +1,59 @@
-"""Data stage: read -> validate -> drop exact duplicates -> split -> write, with every row accounted for."""
+"""Data stage: read -> validate -> clean (PII, quality, duplicates, test leaks) -> split -> version,
+with every row accounted for: read = kept + rejected (by reason) + removed (by reason)."""
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
-from tuneloop.artifacts import Dataset, save_meta
+from tuneloop.artifacts import BaseModelRef, Dataset, save_meta
 from tuneloop.config import DataConfig
-from tuneloop.data.load import Row, read_examples
-from tuneloop.data.split import content_hash, split_rows
+from tuneloop.data.clean import Removed, deduplicate, handle_pii, quality_problem
+from tuneloop.data.load import Reject, Row, data_files, read_examples
+from tuneloop.data.perplexity import perplexity_outliers
+from tuneloop.data.pii import PiiScanner
+from tuneloop.data.report import write_report
+from tuneloop.data.split import content_hash, labels_of, split_rows
+from tuneloop.data.validate import TokenCounter, load_schema, schema_rejects
 from tuneloop.errors import TuneloopError
 
 
-def prepare(cfg: DataConfig, run_dir: Path) -> Dataset:
-    """Validate and split the examples named by `cfg`, writing them under `run_dir/data`."""
+def prepare(cfg: DataConfig, run_dir: Path, base: BaseModelRef | None = None) -> Dataset:
+    """Validate, clean and split the examples named by `cfg`, writing them under `run_dir/data`.
+
+    With the `base` model, rows longer than its context are rejected, lengths are reported in its
+    tokens, and the perplexity filter can run; without it, lengths are in words."""
+    if cfg.perplexity_percentile is not None and base is None:
+        raise TuneloopError("data.perplexity_percentile needs the base model to score rows; none was given")
     out = run_dir / "data"
-    schema = _check_schema(cfg.answer_schema)
-    rows, rejects = read_examples(cfg.path)
-    test_rows: list[Row] = []
+    out.mkdir(parents=True, exist_ok=True)
+    schema = load_schema(cfg.answer_schema)
+    rows, test_rows, rejects, read, token_lengths = _read_and_validate(cfg, schema, base, out)
+    rows, test_rows, removed, pii_found = _clean(cfg, base, rows, test_rows)
+
+    # A user-supplied test file is the test split; each split is versioned by its content.
+    holdout = 0.0 if cfg.test_path is not None else cfg.test_fraction
+    splits = split_rows(rows, cfg.val_fraction, holdout, cfg.seed, labels_of(rows, cfg.label_field))
     if cfg.test_path is not None:
-        test_rows, test_rejects = read_examples(cfg.test_path)
-        rejects += test_rejects
-    read = len(rows) + len(test_rows) + len(rejects)
-    _write_jsonl(out / "rejects.jsonl", [{"source": r.source, "reason": r.reason} for r in rejects])
-    if read == 0:
-        raise TuneloopError(f"{cfg.path}: no rows to read")
-    if len(rejects) > cfg.max_reject_fraction * read:
-        first = rejects[0]
-        raise TuneloopError(
-            f"{first.source}: {first.reason} ({len(rejects)} of {read} rows rejected, above the "
-            f"{cfg.max_reject_fraction:.0%} limit; all are listed in {out / 'rejects.jsonl'})"
-        )
-
-    rows = [_with_system_prompt(r, cfg.system_prompt) for r in rows]
-    test_rows = [_with_system_prompt(r, cfg.system_prompt) for r in test_rows]
-    test_keys = {content_hash([r]) for r in test_rows}
-    rows, duplicates, leaked = _drop_duplicates(rows, test_keys)
-    test_rows, test_duplicates, _ = _drop_duplicates(test_rows, set())
-
-    if cfg.test_path is None:
-        splits = split_rows(rows, cfg.val_fraction, cfg.test_fraction, cfg.seed)
-    else:
-        splits = split_rows(rows, cfg.val_fraction, 0.0, cfg.seed)
         splits["test"] = test_rows
     if not splits["train"] or not splits["test"]:
         raise TuneloopError(
             f"{cfg.path}: {len(rows)} usable rows are too few to split into train and test; add examples"
         )
-
     paths = {name: out / f"{name}.jsonl" for name in splits}
     for name, split in splits.items():
-        _write_jsonl(paths[name], [{"messages": r.messages, "source": r.source} for r in split])
+        with paths[name].open("w", encoding="utf-8") as handle:  # the canonical JSON, plus the source
+            handle.writelines(f'{r.canonical[:-1]},"source":{json.dumps(r.source)}}}\n' for r in split)
+    _write_jsonl(
+        out / "removed.jsonl", [{**_where(r.source), "reason": why, "like": like} for r, why, like in removed.rows]
+    )
     split_hashes = {name: content_hash(split) for name, split in splits.items()}
-    counts = {
-        "read": read,
-        "rejected": len(rejects),
-        "duplicates_removed": len(duplicates) + len(test_duplicates),
-        "test_leaks_removed": len(leaked),
-        **{name: len(split) for name, split in splits.items()},
-    }
+
+    counts = _counts(read, rejects, removed, pii_found, splits, cfg.pii_action)
+    lengths = {name: [token_lengths.get(r.source) or _words(r) for r in split] for name, split in splits.items()}
+    unit = "tokens" if base is not None else "words (no base model given)"
+    write_report(out, counts, split_hashes, lengths, unit, cfg.pii_action)
     dataset = Dataset(
         dir=out,
         train=paths["train"],
@@ -74,37 +69,106 @@ def prepare(cfg: DataConfig, run_dir: Path) -> Dataset:
     return dataset
 
 
-def _check_schema(path: Path | None) -> dict | None:
-    if path is None:
-        return None
-    if not path.is_file():
-        raise TuneloopError(f"{path}: answer schema not found")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise TuneloopError(f"{path}:{err.lineno}: answer schema is not valid JSON: {err.msg}") from None
+def _read_and_validate(cfg: DataConfig, schema: dict | None, base: BaseModelRef | None, out: Path):
+    """Rows that pass every check, and a reject with file:line and reason for each one that does not;
+    stops when the rejected share passes the configured limit."""
+    read_args = (cfg.format, cfg.columns, cfg.fix_line_ends)
+    rows, rejects = read_examples(cfg.path, *read_args)
+    test_rows: list[Row] = []
+    if cfg.test_path is not None:
+        test_rows, test_rejects = read_examples(cfg.test_path, *read_args)
+        rejects += test_rejects
+    read = len(rows) + len(test_rows) + len(rejects)
+    if read == 0:
+        raise TuneloopError(f"{cfg.path}: no rows to read")
+    rows = [_with_system_prompt(r, cfg.system_prompt) for r in rows]
+    test_rows = [_with_system_prompt(r, cfg.system_prompt) for r in test_rows]
+    if schema is not None:
+        rows, bad = schema_rejects(rows, schema)
+        test_rows, bad_test = schema_rejects(test_rows, schema)
+        rejects += bad + bad_test
+    token_lengths: dict[str, int] = {}
+    if base is not None:
+        counter = TokenCounter(base, cfg.max_tokens)
+        rows, bad, token_lengths = counter.rejects(rows)
+        test_rows, bad_test, test_lengths = counter.rejects(test_rows)
+        rejects += bad + bad_test
+        token_lengths |= test_lengths
+
+    files = data_files(cfg.path) + (data_files(cfg.test_path) if cfg.test_path is not None else [])
+    rank = {str(file): i for i, file in enumerate(files)}
+    rejects.sort(key=lambda r: (rank[r.source.rsplit(":", 1)[0]], int(r.source.rsplit(":", 1)[1])))
+    _write_jsonl(out / "rejects.jsonl", [{**_where(r.source), "reason": r.reason, "kind": r.kind} for r in rejects])
+    if len(rejects) > cfg.max_reject_fraction * read:
+        first = rejects[0]
+        raise TuneloopError(
+            f"{first.source}: {first.reason} ({len(rejects)} of {read} rows rejected, above the "
+            f"{cfg.max_reject_fraction:.0%} limit; all are listed in {out / 'rejects.jsonl'})"
+        )
+    return rows, test_rows, rejects, read, token_lengths
+
+
+def _clean(cfg: DataConfig, base: BaseModelRef | None, rows: list[Row], test_rows: list[Row]):
+    """Personal data first, so duplicates are judged on the text that will be trained on; then
+    quality filters, duplicates and test leaks, and the optional perplexity filter."""
+    removed = Removed()
+    pii_found: Counter[str] = Counter()
+    scanner = PiiScanner(cfg.pii_patterns)
+    rows = handle_pii(rows, scanner, cfg.pii_action, pii_found, removed)
+    test_rows = handle_pii(test_rows, scanner, cfg.pii_action, pii_found, removed)
+    kept = []
+    for row in rows:
+        problem = quality_problem(row, cfg.min_answer_chars, cfg.max_row_chars, cfg.drop_refusals)
+        if problem is None:
+            kept.append(row)
+        else:
+            removed.add(row, problem)
+    rows, test_rows = deduplicate(kept, test_rows, cfg.near_duplicate_threshold, removed)
+    if cfg.perplexity_percentile is not None:
+        outliers = perplexity_outliers(rows, base, cfg.perplexity_percentile)
+        for row in rows:
+            if row.source in outliers:
+                removed.add(row, "perplexity")
+        rows = [row for row in rows if row.source not in outliers]
+    return rows, test_rows, removed, pii_found
+
+
+def _counts(
+    read: int, rejects: list[Reject], removed: Removed, pii_found: Counter[str], splits: dict, pii_action: str
+) -> dict:
+    by_reason = removed.counts()
+    counts = {
+        "read": read,
+        "rejected": len(rejects),
+        "duplicates_removed": by_reason["exact_duplicate"] + by_reason["near_duplicate"],
+        "test_leaks_removed": by_reason["test_leak"],
+        **{name: len(split) for name, split in splits.items()},
+        "exact_duplicates_removed": by_reason["exact_duplicate"],
+        "near_duplicates_removed": by_reason["near_duplicate"],
+        "removed": len(removed.rows),
+        "rejected_by_reason": dict(sorted(Counter(r.kind for r in rejects).items())),
+        "removed_by_reason": dict(sorted(by_reason.items())),
+        "pii_found_by_kind": dict(sorted(pii_found.items())),
+        "pii_redacted_by_kind": dict(sorted(pii_found.items())) if pii_action == "redact" else {},
+    }
+    kept = counts["train"] + counts["val"] + counts["test"]
+    assert read == kept + counts["rejected"] + counts["removed"], counts  # every row accounted for
+    return counts
 
 
 def _with_system_prompt(row: Row, system_prompt: str | None) -> Row:
     if system_prompt is None or row.messages[0]["role"] == "system":
         return row
-    return Row(row.source, [{"role": "system", "content": system_prompt}, *row.messages])
+    return Row(row.source, [{"role": "system", "content": system_prompt}, *row.messages], row.rejected)
 
 
-def _drop_duplicates(rows: list[Row], test_keys: set[str]) -> tuple[list[Row], list[Row], list[Row]]:
-    """Keep the first of each exact duplicate; drop rows identical to a test row."""
-    seen: set[str] = set()
-    kept, duplicates, leaked = [], [], []
-    for row in rows:
-        key = content_hash([row])
-        if key in test_keys:
-            leaked.append(row)
-        elif key in seen:
-            duplicates.append(row)
-        else:
-            seen.add(key)
-            kept.append(row)
-    return kept, duplicates, leaked
+def _where(source: str) -> dict:
+    file, line = source.rsplit(":", 1)
+    return {"file": file, "line": int(line), "source": source}
+
+
+def _words(row: Row) -> int:
+    return sum(len(m["content"].split()) for m in row.messages)
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:

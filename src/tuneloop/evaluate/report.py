@@ -1,7 +1,8 @@
-"""report.md, metrics.png and the side-by-side table printed at the end of a run."""
+"""report.md, metrics.png, the verdict and the side-by-side table printed at the end of a run."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from rich.table import Table
@@ -13,46 +14,108 @@ LABELS = {
     "schema_valid": "schema compliance",
     "field_accuracy": "per-field accuracy (mean)",
     "rouge_l": "ROUGE-L",
+    "bleu": "BLEU",
+    "chrf": "chrF",
+    "embedding_similarity": "embedding cosine similarity",
     "exact_match": "exact match",
+    "normalized_match": "normalised match",
+    "regex": "regex match",
     "latency_ms": "mean latency (ms/row, batched)",
 }
 
 
-def metric_rows(baseline: dict[str, float], candidate: dict[str, float] | None) -> list[tuple[str, str, str, str]]:
-    """(label, baseline, fine-tuned, difference) for each metric, in display order."""
-    order = [m for m in LABELS if m in baseline and m != "latency_ms"]
-    order += [m for m in baseline if m.startswith("field.")]
-    order += ["latency_ms"]
+def label(name: str) -> str:
+    """The display name of a metric."""
+    if name.startswith("field."):
+        return f"  accuracy: {name.removeprefix('field.')}"
+    if name.endswith(".accuracy") or name.endswith(".macro_f1"):
+        prefix, _, kind = name.rpartition(".")
+        return f"{prefix}: {'label accuracy' if kind == 'accuracy' else 'macro-F1'}"
+    return LABELS.get(name, name)
+
+
+def ordered(names: list[str] | dict) -> list[str]:
+    """Metrics in display order: whole-answer metrics, per-field accuracies, labels, latency last."""
+    names = list(names)
+    rank = {m: i for i, m in enumerate(LABELS)}
+
+    def key(name: str) -> tuple[int, int, str]:
+        if name == "latency_ms":
+            return (3, 0, "")
+        if name.startswith("field."):
+            return (0, rank["field_accuracy"], name)
+        if "." in name:
+            return (1, 0, name)
+        return (0, rank.get(name, 99), "") if rank.get(name, 99) <= rank["field_accuracy"] else (2, rank.get(name, 99), name)
+
+    return sorted(names, key=key)
+
+
+def metric_rows(report: EvalReport) -> list[tuple[str, ...]]:
+    """(metric, baseline, fine-tuned, difference, 95 % CI of the difference, gate) per metric."""
     rows = []
-    for name in order:
-        label = LABELS.get(name, f"  accuracy: {name.removeprefix('field.')}")
-        b = baseline.get(name)
-        c = None if candidate is None else candidate.get(name)
-        rows.append((label, _fmt(name, b), _fmt(name, c), _fmt_delta(name, b, c)))
+    for name in ordered(report.baseline):
+        b = report.baseline.get(name)
+        c = None if report.candidate is None else report.candidate.get(name)
+        diff = (report.difference or {}).get(name)
+        ci = "-" if diff is None else f"[{_fmt_delta(name, 0.0, diff[1])}, {_fmt_delta(name, 0.0, diff[2])}]"
+        rows.append((label(name), _fmt(name, b), _fmt(name, c), _fmt_delta(name, b, c), ci, _gate_mark(report, name)))
     return rows
+
+
+def _gate_mark(report: EvalReport, name: str) -> str:
+    if name not in report.gate_metrics:
+        return ""
+    if report.gate_passed is None:
+        return "gate"
+    return "gate: fail" if any(f.startswith(f"{name}:") for f in report.gate_failures) else "gate: pass"
+
+
+def verdict(report: EvalReport) -> str:
+    """One line per outcome: promoted, or refused with each failing metric and by how much."""
+    if report.gate_passed is None:
+        return "gate: no candidate to judge (baseline only)"
+    if report.gate_passed:
+        gains = ", ".join(f"{m} {_fmt_delta(m, 0.0, report.difference[m][0])}" for m in report.gate_metrics)
+        return f"gate passed: the fine-tune beats the baseline with 95 % confidence on {gains}"
+    return "gate FAILED, not promoted:\n" + "\n".join(f"  - {f}" for f in report.gate_failures)
 
 
 def comparison_table(report: EvalReport) -> Table:
     table = Table(title=f"baseline vs fine-tuned on {report.rows} held-out test rows")
-    for column, justify in (("metric", "left"), ("baseline", "right"), ("fine-tuned", "right"), ("Δ", "right")):
+    columns = (("metric", "left"), ("baseline", "right"), ("fine-tuned", "right"), ("Δ", "right"),
+               ("95 % CI of Δ", "right"), ("", "left"))
+    for column, justify in columns:
         table.add_column(column, justify=justify)
-    for row in metric_rows(report.baseline, report.candidate):
+    for row in metric_rows(report):
         table.add_row(*row)
     return table
 
 
-def write_report(run_dir: Path, rows: list[dict], baseline: dict, candidate: dict, adapter: Adapter | None) -> Path:
-    _plot_metrics(baseline["metrics"], candidate["metrics"], run_dir / "metrics.png")
+def write_report(
+    run_dir: Path,
+    rows: list[dict],
+    sides: dict[str, dict],
+    report: EvalReport,
+    adapter: Adapter | None,
+) -> Path:
+    """report.md and metrics.png: the run summary with the verdict, metrics and a few examples."""
+    _plot_metrics(report, run_dir / "metrics.png")
     lines = [
         "# tuneloop run report",
         "",
         f"{len(rows)} held-out test rows, never trained on. Baseline: the base model with the same system prompt.",
         "",
-        "| metric | baseline | fine-tuned | Δ |",
-        "| --- | ---: | ---: | ---: |",
-        *[f"| {' | '.join(r).strip()} |" for r in metric_rows(baseline["metrics"], candidate["metrics"])],
+        f"**{verdict(report).splitlines()[0]}**",
+        *verdict(report).splitlines()[1:],
+        "",
+        "| metric | baseline | fine-tuned | Δ | 95 % CI of Δ | gate |",
+        "| --- | ---: | ---: | ---: | ---: | --- |",
+        *[f"| {' | '.join(r).strip()} |" for r in metric_rows(report)],
         "",
         "![baseline vs fine-tuned](metrics.png)",
+        "",
+        "Every test row side by side, confusion matrices and flips: `eval_report.html` / `eval_report.md`.",
         "",
     ]
     if adapter is not None:
@@ -69,7 +132,7 @@ def write_report(run_dir: Path, rows: list[dict], baseline: dict, candidate: dic
             "",
         ]
     lines += ["## Examples (first 5 test rows)", ""]
-    for base_row, cand_row in list(zip(baseline["rows"], candidate["rows"]))[:5]:
+    for base_row, cand_row in list(zip(sides["baseline"]["rows"], sides["candidate"]["rows"]))[:5]:
         lines += [
             f"**{base_row['source']}**",
             "",
@@ -83,20 +146,28 @@ def write_report(run_dir: Path, rows: list[dict], baseline: dict, candidate: dic
     return path
 
 
-def _plot_metrics(baseline: dict[str, float], candidate: dict[str, float], path: Path) -> None:
+def _plot_metrics(report: EvalReport, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [m for m in baseline if m != "latency_ms" and m in candidate]
+    candidate = report.candidate or {}
+    names = [m for m in ordered(report.baseline) if m != "latency_ms" and m in candidate]
     x = range(len(names))
-    fig, ax = plt.subplots(figsize=(max(6, len(names) * 0.9), 4), dpi=100)
-    ax.bar([i - 0.2 for i in x], [baseline[m] * 100 for m in names], width=0.4, label="baseline", color="#999999")
-    ax.bar([i + 0.2 for i in x], [candidate[m] * 100 for m in names], width=0.4, label="fine-tuned", color="#4c72b0")
-    ax.set_xticks(list(x), [LABELS.get(m, m.removeprefix("field.")) for m in names], rotation=30, ha="right")
-    ax.set_ylabel("%")
-    ax.set_ylim(0, 100)
+    fig, ax = plt.subplots(figsize=(max(6, len(names) * 0.9), 4.5), dpi=100)
+    for offset, side, values, ci, color in (
+        (-0.2, "baseline", report.baseline, report.baseline_ci, "#999999"),
+        (0.2, "fine-tuned", candidate, report.candidate_ci or {}, "#4c72b0"),
+    ):
+        heights = [_finite(values[m]) * 100 for m in names]
+        errors = [[max(h - _finite(ci.get(m, [v, v])[0]) * 100, 0), max(_finite(ci.get(m, [v, v])[1]) * 100 - h, 0)]
+                  for m, h, v in zip(names, heights, (values[n] for n in names))]
+        ax.bar([i + offset for i in x], heights, width=0.4, label=side, color=color,
+               yerr=list(zip(*errors)) if errors else None, capsize=3, error_kw={"elinewidth": 1})
+    ax.set_xticks(list(x), [label(m).strip() for m in names], rotation=30, ha="right")
+    ax.set_ylabel("% (whiskers: 95 % bootstrap CI)")
+    ax.set_ylim(0, 105)
     ax.set_title("Baseline vs fine-tuned on held-out test rows")
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
@@ -105,15 +176,23 @@ def _plot_metrics(baseline: dict[str, float], candidate: dict[str, float], path:
     plt.close(fig)
 
 
+def _finite(value: float) -> float:
+    return value if math.isfinite(value) else 0.0
+
+
 def _fmt(name: str, value: float | None) -> str:
     if value is None:
         return "-"
+    if not math.isfinite(value):
+        return "n/a"
     return f"{value:,.0f}" if name == "latency_ms" else f"{value * 100:.1f} %"
 
 
 def _fmt_delta(name: str, b: float | None, c: float | None) -> str:
     if b is None or c is None:
         return "-"
+    if not (math.isfinite(b) and math.isfinite(c)):
+        return "n/a"
     return f"{c - b:+,.0f}" if name == "latency_ms" else f"{(c - b) * 100:+.1f} pts"
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import iterate_in_threadpool
 from starlette.exceptions import HTTPException
 
-from tuneloop.serve.engine import Completion, Engine, Sampling, UnknownModelError
+from tuneloop.serve.engine import Completion, Engine, Generation, Sampling, UnknownModelError
 from tuneloop.serve.protocol import (
     AssistantMessage,
     ChatCompletion,
@@ -76,8 +76,7 @@ def create_app(engine: Engine, default_max_tokens: int = 256) -> FastAPI:
             events = engine.stream(body.model, messages, sampling)  # an unknown model raises here, before streaming
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             head = ChatCompletionChunk(id=reply_id, created=created, model=body.model, choices=[])
-            chunks = _sse(events, head, include_usage)
-            return StreamingResponse(iterate_in_threadpool(chunks), media_type="text/event-stream")
+            return StreamingResponse(_stream(events, head, include_usage), media_type="text/event-stream")
         done = engine.complete(body.model, messages, sampling)
         return ChatCompletion(
             id=reply_id,
@@ -90,7 +89,16 @@ def create_app(engine: Engine, default_max_tokens: int = 256) -> FastAPI:
     return app
 
 
-def _sse(events: Iterator[str | Completion], head: ChatCompletionChunk, include_usage: bool) -> Iterator[str]:
+async def _stream(events: Generation, head: ChatCompletionChunk, include_usage: bool) -> AsyncIterator[str]:
+    try:
+        async for chunk in iterate_in_threadpool(_sse(events, head, include_usage)):
+            yield chunk
+    finally:
+        # A client that goes away cancels this task: stop its generation now, not whenever the GC collects it.
+        events.close()
+
+
+def _sse(events: Generation, head: ChatCompletionChunk, include_usage: bool) -> Iterator[str]:
     def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
         return f"data: {head.model_copy(update={'choices': choices, 'usage': usage}).model_dump_json()}\n\n"
 

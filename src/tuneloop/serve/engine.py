@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +38,9 @@ class Completion:
     completion_tokens: int
 
 
+Generation = Generator[str | Completion, None, None]  # the answer's text in pieces, then its Completion
+
+
 class Engine:
     """A base model and LoRA adapters on top of it, answering one request at a time."""
 
@@ -69,7 +72,7 @@ class Engine:
         *_, done = self.stream(model, messages, sampling)
         return done
 
-    def stream(self, model: str, messages: list[dict[str, str]], sampling: Sampling) -> Iterator[str | Completion]:
+    def stream(self, model: str, messages: list[dict[str, str]], sampling: Sampling) -> Generation:
         """Yield the answer's text in pieces as it is generated, then its `Completion`.
 
         An unknown `model` raises `UnknownModelError` here, before anything is generated.
@@ -82,7 +85,7 @@ class Engine:
         )["input_ids"]
         return self._generate(model, prompt, sampling)
 
-    def _generate(self, model: str, prompt: list[int], sampling: Sampling) -> Iterator[str | Completion]:
+    def _generate(self, model: str, prompt: list[int], sampling: Sampling) -> Generation:
         from transformers import TextIteratorStreamer
 
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -108,8 +111,9 @@ class Engine:
                     yield text[sent:safe]
                     sent = safe
         finally:
-            cancelled.set()  # also runs when the consumer goes away (a client disconnects mid-stream)
-            worker.join()
+            # Also runs when the consumer goes away (a client disconnected): the generation stops at its next token.
+            cancelled.set()
+        worker.join()
         if "error" in result:
             raise result["error"]
         if len(text) > sent:

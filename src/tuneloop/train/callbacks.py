@@ -1,7 +1,9 @@
-"""A rich progress bar for the Hugging Face trainer: loss, tokens/s and ETA."""
+"""Trainer callbacks: a rich progress bar (loss, tokens/s, ETA), a stop on NaN/inf loss, and a
+checkpoint at every epoch's end."""
 
 from __future__ import annotations
 
+import math
 import time
 
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -56,3 +58,25 @@ class RichProgress(TrainerCallback):
         rate = self.tokens / max(time.perf_counter() - self._started, 1e-9)
         val = f" val {self._val_loss:.3f}" if self._val_loss is not None else ""
         self._progress.update(self._task, completed=step, stats=f"loss {self._loss:.3f}{val} · {rate:,.0f} tok/s")
+
+
+class StopOnNonFiniteLoss(TrainerCallback):
+    """Stop at the first NaN/inf training loss, without checkpointing the broken state."""
+
+    def __init__(self) -> None:
+        self.bad_step: int | None = None
+        self.bad_value: float | None = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)) and self.bad_step is None:
+            self.bad_step, self.bad_value = state.global_step, float(loss)
+            control.should_training_stop = True
+            control.should_save = False
+
+
+class CheckpointEachEpoch(TrainerCallback):
+    """The trainer saves either every N steps or every epoch; tuneloop wants both."""
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        control.should_save = True

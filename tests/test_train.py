@@ -1,0 +1,110 @@
+"""Training robustness on the tiny model: resume after SIGKILL, NaN stop, pre-flight errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tuneloop.artifacts import BaseModelRef, Dataset
+from tuneloop.config import TrainConfig
+from tuneloop.errors import TuneloopError
+from tuneloop.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_project(tmp_path: Path, model_dir: Path, train_section: str) -> Path:
+    lines = (REPO / "examples" / "ticket-triage" / "data.jsonl").read_text().splitlines()[:48]
+    (tmp_path / "data.jsonl").write_text("\n".join(lines) + "\n")
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"name: resume\nbase_model: {model_dir}\ndata:\n  path: data.jsonl\n  system_prompt: Triage.\n"
+        f"train:\n{train_section}"
+    )
+    return config
+
+
+def cli(*args: str, cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "tuneloop", *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finished(process: subprocess.Popen, project: Path) -> dict:
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-3000:]
+    return json.loads((project / "runs/resume/train/meta.json").read_text())
+
+
+SLOW_RUN = "  max_steps: 24\n  batch_size: 8\n  save_steps: 4\n  eval_steps: 1000\n  learning_rate: 0.001\n"
+
+
+def test_resume_after_sigkill_ends_at_the_same_loss(tiny_model_dir, tmp_path):
+    whole_dir, killed_dir = tmp_path / "whole", tmp_path / "killed"
+    for d in (whole_dir, killed_dir):
+        d.mkdir()
+        config = make_project(d, tiny_model_dir, SLOW_RUN)
+        assert subprocess.run([sys.executable, "-m", "tuneloop", "data", str(config)], cwd=d).returncode == 0
+    uninterrupted = finished(cli("train", str(whole_dir / "config.yaml"), cwd=whole_dir), whole_dir)
+
+    victim = cli("train", str(killed_dir / "config.yaml"), cwd=killed_dir)
+    checkpoint = killed_dir / "runs/resume/train/checkpoints/checkpoint-8"
+    deadline = time.monotonic() + 240
+    while not (checkpoint / "trainer_state.json").exists():
+        assert victim.poll() is None and time.monotonic() < deadline, victim.stderr.read()[-3000:]
+        time.sleep(0.02)
+    time.sleep(0.3)  # let the checkpoint's last files land; the run is still far from its 24 steps
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL
+    assert not (killed_dir / "runs/resume/train/meta.json").exists()  # it really died mid-run
+
+    resumed = finished(cli("train", str(killed_dir / "config.yaml"), "--resume", cwd=killed_dir), killed_dir)
+    assert resumed["history"][-1]["step"] == uninterrupted["history"][-1]["step"]
+    assert resumed["val_loss"] == pytest.approx(uninterrupted["val_loss"], rel=0.01)
+    last = lambda meta: [h["loss"] for h in meta["history"] if "loss" in h][-1]  # noqa: E731
+    assert last(resumed) == pytest.approx(last(uninterrupted), rel=0.01)
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(tiny_model_dir, tmp_path):
+    config = make_project(tmp_path, tiny_model_dir, "  max_steps: 2\n")
+    assert subprocess.run([sys.executable, "-m", "tuneloop", "data", str(config)], cwd=tmp_path).returncode == 0
+    process = cli("train", str(config), "--resume", cwd=tmp_path)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1
+    assert "no checkpoint to resume from" in stderr and "Traceback" not in stderr
+
+
+def test_non_finite_loss_stops_with_a_clear_message(tiny_model_dir, tmp_path):
+    config = make_project(tmp_path, tiny_model_dir, "  max_steps: 30\n  batch_size: 8\n  save_steps: 2\n  learning_rate: 1.0e+30\n")
+    assert subprocess.run([sys.executable, "-m", "tuneloop", "data", str(config)], cwd=tmp_path).returncode == 0
+    process = cli("train", str(config), cwd=tmp_path)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1, stderr[-2000:]
+    assert "training loss became" in stderr and "Lower train.learning_rate" in stderr
+    assert not (tmp_path / "runs/resume/train/adapter").exists()
+
+
+def dataset_stub(tmp_path: Path) -> Dataset:
+    return Dataset(dir=tmp_path, train=tmp_path, val=tmp_path, test=tmp_path, hash="h", split_hashes={}, counts={})
+
+
+def test_qlora_on_cpu_is_a_clear_error(tiny_model_dir, tmp_path):
+    with pytest.raises(TuneloopError, match="qlora needs a CUDA GPU"):
+        train(TrainConfig(method="qlora"), dataset_stub(tmp_path), BaseModelRef("tiny", tiny_model_dir), tmp_path)
+
+
+def test_unwritable_output_is_reported_before_training(tiny_model_dir, tmp_path):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    with pytest.raises(TuneloopError, match="cannot write the training output"):
+        train(TrainConfig(), dataset_stub(tmp_path), BaseModelRef("tiny", tiny_model_dir), blocker)
