@@ -217,3 +217,25 @@ def test_train_before_data_says_what_to_run(tiny_model_dir, tmp_path):
     result = tuneloop("train", str(write_config(tmp_path, tiny_model_dir)), cwd=tmp_path)
     assert result.returncode == 1
     assert "run `tuneloop data CONFIG` first" in result.stderr
+
+
+def _as_format(row: dict, fmt: str) -> dict:
+    user, answer = row["messages"][0]["content"], row["messages"][1]["content"]
+    if fmt == "alpaca":
+        return {"instruction": "Triage this support message.", "input": user, "output": answer}
+    if fmt == "sharegpt":
+        return {"conversations": [{"from": "human", "value": user}, {"from": "gpt", "value": answer}]}
+    return {"prompt": user, "chosen": answer, "rejected": '{"category": "other"}'}  # preference pair
+
+
+@pytest.mark.parametrize("fmt", ["alpaca", "sharegpt", "preference"])
+def test_other_formats_go_end_to_end(fmt, tiny_model_dir, tmp_path):
+    config = write_config(tmp_path, tiny_model_dir, rows=40)
+    rows = [json.loads(line) for line in (tmp_path / "data.jsonl").read_text().splitlines()]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(_as_format(r, fmt)) + "\n" for r in rows))
+    result = tuneloop("run", str(config), "--set", "eval.enforce_gate=false", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "read 40 rows, rejected 0" in result.stdout
+    train_row = json.loads((tmp_path / "runs/triage-e2e/data/train.jsonl").read_text().splitlines()[0])
+    assert [m["role"] for m in train_row["messages"]] == ["system", "user", "assistant"]
+    assert "registered triage-e2e version 1" in result.stdout
