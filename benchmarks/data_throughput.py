@@ -48,18 +48,33 @@ def generate(path: Path, rows: int, seed: int = 0) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument(
+        "--base-model", default=None,
+        help="Also count every row's tokens with this model's tokenizer (e.g. smollm2-135m-instruct), as `tuneloop run` does.",
+    )
     args = parser.parse_args()
+    base = None
+    if args.base_model:
+        from tuneloop.models import resolve_base_model
+
+        base = resolve_base_model(args.base_model, Path("~/.cache/tuneloop").expanduser())
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "rows.jsonl"
         generate(src, args.rows)
         started = time.perf_counter()
-        dataset = prepare(DataConfig(path=src, system_prompt="You are a helpful assistant."), Path(tmp) / "run")
+        dataset = prepare(DataConfig(path=src, system_prompt="You are a helpful assistant."), Path(tmp) / "run", base)
         wall = time.perf_counter() - started
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
     print({k: v for k, v in dataset.counts.items() if k != "rejected_by_reason"}, file=sys.stderr)
     print(
         json.dumps(
-            {"rows": args.rows, "rows_per_s": round(args.rows / wall), "wall_s": round(wall, 2), "peak_rss_mb": round(peak_kb / 1024)}
+            {
+                "rows": args.rows,
+                "rows_per_s": round(args.rows / wall),
+                "wall_s": round(wall, 2),
+                "peak_rss_mb": round(peak_kb / 1024),
+                "tokenized": base is not None,
+            }
         )
     )
 

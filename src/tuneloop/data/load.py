@@ -107,11 +107,13 @@ def _decode(raw: bytes, fix_line_ends: bool) -> str:
         raise RowError("invalid_utf8", f"invalid UTF-8 at byte {err.start + 1}") from None
     if text.startswith("\ufeff"):
         if not fix_line_ends:
-            raise RowError("bom", "starts with a byte-order mark (BOM); save the file as UTF-8 without BOM")
+            raise RowError(
+                "bom", "starts with a byte-order mark (BOM); save the file as UTF-8 without BOM or set data.fix_line_ends"
+            )
         text = text[1:]
     if text.endswith("\r\n") or "\r" in text.rstrip("\r\n"):
         if not fix_line_ends:
-            raise RowError("crlf", "CRLF line ending; save the file with LF line endings")
+            raise RowError("crlf", "CRLF line ending; save the file with LF line endings or set data.fix_line_ends")
         text = text.replace("\r", "")
     return text
 
