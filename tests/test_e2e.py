@@ -208,7 +208,10 @@ def test_each_stage_runs_alone(tiny_model_dir, tmp_path):
         result = tuneloop(*step, cwd=tmp_path)
         assert result.returncode == 0, f"{step}: {result.stderr[-2000:]}"
     assert "schema compliance" in result.stdout
-    registered = tuneloop("registry", "register", config, cwd=tmp_path)
+    refused = tuneloop("registry", "register", config, cwd=tmp_path)  # random weights: 0 % vs 0 %
+    assert refused.returncode == 1
+    assert "not registered: the fine-tune did not beat the baseline (schema_valid" in refused.stderr
+    registered = tuneloop("registry", "register", config, "--set", "eval.enforce_gate=false", cwd=tmp_path)
     assert registered.returncode == 0, registered.stderr[-2000:]
     assert "registered triage-e2e version 1" in registered.stdout
 

@@ -195,6 +195,11 @@ def registry_register(config: ConfigArg, set: SetOpt = None, debug: DebugOpt = F
 
     cfg = _load(config, set)
     report = load_meta(EvalReport, cfg.run_dir / "eval", "eval CONFIG")
+    if report.candidate is None:
+        raise TuneloopError(f"{cfg.run_dir / 'eval'}: no fine-tune was evaluated; run `tuneloop eval CONFIG` first")
+    if report.gate_passed is False and cfg.eval.enforce_gate:
+        failures = "; ".join(report.gate_failures)
+        raise TuneloopError(f"not registered: the fine-tune did not beat the baseline ({failures})")
     version = register(cfg.registry, cfg.model_name, _adapter(cfg), report, _dataset(cfg), cfg.model_dump(mode="json"))
     console.print(f"registered [bold]{version.name}[/] version {version.version}")
 

@@ -183,7 +183,8 @@ class EvalConfig(Section):
     seed: int = Field(default=0, description="Seed of the bootstrap resampling.")
     enforce_gate: bool = Field(
         default=True,
-        description="`tuneloop run`: when the fine-tune fails the gate, register nothing and exit with code 3; "
+        description="`tuneloop run` and `registry register`: when the fine-tune fails the gate, register nothing "
+        "(run exits with code 3); "
         "false only reports the verdict (smoke tests on toy models).",
     )
 
