@@ -55,9 +55,11 @@ def main() -> None:
     args = parser.parse_args()
     base = None
     if args.base_model:
+        from tuneloop.config import RunConfig
         from tuneloop.models import resolve_base_model
 
-        base = resolve_base_model(args.base_model, Path("~/.cache/tuneloop").expanduser())
+        cache_dir = RunConfig.model_fields["cache_dir"].default.expanduser()  # the same cache `tuneloop run` uses
+        base = resolve_base_model(args.base_model, cache_dir)
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "rows.jsonl"
         generate(src, args.rows)

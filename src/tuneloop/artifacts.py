@@ -50,7 +50,7 @@ class Dataset:
     test: Path
     hash: str
     split_hashes: dict[str, str]
-    counts: dict[str, int]
+    counts: dict[str, Any]  # row counts, plus per-reason and per-PII-kind breakdowns as nested dicts
     system_prompt: str | None = None
     answer_schema: Path | None = None
 
