@@ -7,6 +7,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+from fastapi import Request  # module level: the stub's route annotations are resolved here
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -56,3 +57,74 @@ def tiny_adapter_dir(tiny_model_dir, tmp_path_factory) -> Path:
     peft_model.save_pretrained(target)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(target)
     return target
+
+
+@pytest.fixture
+def serve_app():
+    """Serve ASGI apps with uvicorn on loopback, each in a background thread; returns app -> base URL (/v1)."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    running = []
+
+    def start(app) -> str:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        running.append((server, thread, sock))
+        deadline = time.monotonic() + 10
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "the test server did not start"
+            time.sleep(0.01)
+        return f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+
+    yield start
+    for server, thread, sock in running:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+@pytest.fixture
+def openai_stub(serve_app):
+    """A scripted OpenAI-compatible chat endpoint: `start(respond)` serves `respond(body, call_index)`,
+    which returns the reply text or an HTTP error status; returns (base URL, list of received requests)."""
+    import threading
+
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
+
+    def start(respond):
+        seen: list[dict] = []
+        lock = threading.Lock()
+        app = FastAPI()
+
+        @app.post("/v1/chat/completions")
+        async def chat(request: Request):
+            body = await request.json()
+            with lock:
+                index = len(seen)
+                seen.append({"body": body, "authorization": request.headers.get("authorization")})
+            reply = await _in_thread(respond, body, index)
+            if isinstance(reply, int):
+                return JSONResponse({"error": {"message": f"scripted {reply}", "type": "server_error"}}, status_code=reply)
+            return {
+                "id": f"chatcmpl-{index}", "object": "chat.completion", "created": 0, "model": body["model"],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10},
+            }
+
+        return serve_app(app), seen
+
+    return start
+
+
+async def _in_thread(function, *args):
+    from starlette.concurrency import run_in_threadpool
+
+    return await run_in_threadpool(function, *args)

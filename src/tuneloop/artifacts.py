@@ -90,6 +90,11 @@ class EvalReport:
     gate_passed: bool | None = None  # None: no candidate to gate
     gate_failures: list[str] = dataclasses.field(default_factory=list)
     html_report: Path | None = None
+    # Further gate opponents by name ("3-shot baseline", "production"): their metrics, their 95 % intervals,
+    # and [difference, low, high] for candidate - opponent on the same resampled rows.
+    opponents: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    opponent_ci: dict[str, dict[str, list[float]]] = dataclasses.field(default_factory=dict)
+    opponent_difference: dict[str, dict[str, list[float]]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)

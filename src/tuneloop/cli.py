@@ -86,6 +86,66 @@ def _adapter(cfg):
     return load_meta(Adapter, cfg.run_dir / "train", "train CONFIG")
 
 
+def _candidate(cfg, spec: str | None):
+    """What `--model` names: the configured endpoint, a registered version's adapter, or a directory."""
+    import re
+
+    if spec is None:
+        return None
+    if spec == "endpoint":
+        if cfg.eval.endpoint is None:
+            raise TuneloopError("--model endpoint needs eval.endpoint (base_url, model) in the config")
+        from tuneloop.evaluate.endpoint import Endpoint
+
+        return Endpoint.from_config(cfg.eval.endpoint, _secret(cfg.eval.endpoint.api_key_env))
+    path = Path(spec).expanduser()
+    reference = re.fullmatch(r"registry:(.+)/(\d+)", spec)
+    if reference is None and not path.is_dir():  # a local directory wins over a NAME-vN lookalike
+        reference = re.fullmatch(r"(.+)-v(\d+)", spec)
+    if reference:
+        from tuneloop.registry import version_dir
+
+        return version_dir(cfg.registry, reference[1], int(reference[2]))
+    if not path.is_dir():
+        raise TuneloopError(
+            f"--model {spec}: not a directory, a registered version (registry:NAME/N or NAME-vN) or `endpoint`"
+        )
+    return path.resolve()
+
+
+def _production(cfg, base, candidate) -> Path | None:
+    """The adapter of the version with the `production` alias, when there is one on this base model and it
+    is not the candidate itself."""
+    from tuneloop.registry import production_version, version_dir
+
+    version = production_version(cfg.registry, cfg.model_name)
+    if version is None or version.base_model != base.name:
+        return None
+    path = version_dir(cfg.registry, version.name, version.version)
+    if isinstance(candidate, Path) and candidate.resolve() == path.resolve():
+        return None
+    console.print(f"opponent: {version.name} version {version.version} (alias production)")
+    return path
+
+
+def _judge(cfg):
+    if cfg.eval.judge is None:
+        return None
+    from tuneloop.evaluate.judge import Judge
+
+    return Judge.from_config(cfg.eval.judge, _secret(cfg.eval.judge.api_key_env))
+
+
+def _secret(variable: str | None) -> str | None:
+    import os
+
+    if variable is None:
+        return None
+    if not os.environ.get(variable):
+        raise TuneloopError(f"environment variable {variable} (the API key) is not set")
+    return os.environ[variable]
+
+
 @app.command()
 @user_errors
 def run(config: ConfigArg, set: SetOpt = None, debug: DebugOpt = False) -> None:
@@ -101,11 +161,12 @@ def run(config: ConfigArg, set: SetOpt = None, debug: DebugOpt = False) -> None:
     data = prepare(cfg.data, cfg.run_dir, base)
     _print_counts(data)
     console.print("[bold]1/3[/] evaluating the baseline (base model, same system prompt)")
-    evaluate(cfg.eval, data, base, None, cfg.run_dir)
+    evaluate(cfg.eval, data, base, None, cfg.run_dir, judge=_judge(cfg))
     console.print(f"[bold]2/3[/] training a LoRA adapter on {data.counts['train']} rows")
     adapter = train(cfg.train, data, base, cfg.run_dir)
     console.print("[bold]3/3[/] evaluating the fine-tuned model on the same test rows")
-    report = evaluate(cfg.eval, data, base, adapter, cfg.run_dir)
+    report = evaluate(cfg.eval, data, base, adapter, cfg.run_dir, production=_production(cfg, base, adapter.dir),
+                      judge=_judge(cfg))
     console.print(comparison_table(report))
     console.print(verdict(report), highlight=False)
     console.print(f"results: {cfg.run_dir.resolve()}  (report.md, eval_report.html, loss.png, metrics.png)")
@@ -147,17 +208,31 @@ def train(
 def eval_(
     config: ConfigArg,
     baseline_only: Annotated[bool, typer.Option(help="Score only the base model.")] = False,
-    gate: Annotated[bool, typer.Option(help="Exit 3 unless the fine-tune beats the baseline on every gate metric.")] = False,
+    gate: Annotated[
+        bool,
+        typer.Option(help="Exit 3 unless the candidate beats every opponent (baselines, production) on every gate metric."),
+    ] = False,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Evaluate this instead of the run's adapter: an adapter or full model directory, a registered "
+            "version (registry:NAME/N or NAME-vN), or `endpoint` (the config's eval.endpoint)."
+        ),
+    ] = None,
     set: SetOpt = None,
     debug: DebugOpt = False,
 ) -> None:
-    """Score the baseline and the fine-tuned adapter on the test split."""
+    """Score the baselines and a candidate (default: the run's fine-tuned adapter) on the test split."""
     from tuneloop.evaluate import evaluate
     from tuneloop.evaluate.report import comparison_table, verdict
 
     cfg = _load(config, set)
-    adapter = None if baseline_only else _adapter(cfg)
-    report = evaluate(cfg.eval, _dataset(cfg), _base(cfg), adapter, cfg.run_dir)
+    base = _base(cfg)
+    adapter = None if baseline_only or model else _adapter(cfg)
+    target = None if baseline_only else _candidate(cfg, model)
+    production = None if baseline_only else _production(cfg, base, target if target is not None else adapter.dir)
+    report = evaluate(cfg.eval, _dataset(cfg), base, adapter, cfg.run_dir, model=target, production=production,
+                      judge=_judge(cfg))
     console.print(comparison_table(report))
     console.print(verdict(report), highlight=False)
     if report.html_report is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -93,8 +93,10 @@ class DataConfig(Section):
 
 
 class TrainConfig(Section):
-    method: Literal["lora", "qlora"] = Field(
-        default="lora", description="`lora`, or `qlora` (4-bit NF4 base via bitsandbytes; needs a CUDA GPU)."
+    method: Literal["lora", "qlora", "dpo"] = Field(
+        default="lora",
+        description="`lora`, `qlora` (4-bit NF4 base via bitsandbytes; needs a CUDA GPU), or `dpo` (LoRA trained "
+        "on preference pairs with DPO; the data needs a rejected answer per row).",
     )
     lora_r: int = Field(default=16, gt=0, description="LoRA rank.")
     lora_alpha: int = Field(default=32, gt=0, description="LoRA alpha (scaling numerator).")
@@ -120,6 +122,11 @@ class TrainConfig(Section):
     early_stopping_patience: int | None = Field(
         default=None, gt=0, description="Stop after this many validations without a lower validation loss."
     )
+    dpo_beta: float = Field(
+        default=0.1,
+        gt=0.0,
+        description="dpo: how strongly the adapter is held to the base model (higher: closer to it).",
+    )
     seed: int = Field(default=42, description="Seed for adapter init and data order.")
 
 
@@ -135,6 +142,8 @@ GraderName = Literal[
     "bleu",
     "chrf",
     "embedding_similarity",
+    "judge",
+    "pairwise",
 ]
 
 
@@ -167,6 +176,43 @@ class MetricConfig(Section):
         return self
 
 
+DEFAULT_RUBRIC = """Score the answer from 1 to 5 against the reference answer:
+5: as correct and complete as the reference, in the requested format;
+4: correct with a small omission or format slip;
+3: partly correct;
+2: mostly wrong or off-format;
+1: wrong, empty or off-topic."""
+
+
+class EndpointConfig(Section):
+    base_url: str = Field(description="Base URL of an OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1.")
+    model: str = Field(description="Model name sent with every request.")
+    api_key_env: str | None = Field(
+        default=None, description="Environment variable holding the API key (none: the requests carry no real key)."
+    )
+    concurrency: int = Field(default=4, gt=0, description="Requests in flight at once.")
+    max_retries: int = Field(
+        default=4,
+        ge=0,
+        description="Retries of one request after HTTP 408/409/429/5xx, a timeout or a lost connection, "
+        "with exponential back-off (0.5 s doubling, at most 8 s, or the server's Retry-After).",
+    )
+    timeout_s: float = Field(default=120.0, gt=0, description="Seconds to wait for one reply.")
+
+
+class JudgeConfig(EndpointConfig):
+    rubric: str = Field(
+        default=DEFAULT_RUBRIC, description="judge metric: the 1-5 rubric the judge model scores each answer on."
+    )
+    parse_retries: int = Field(
+        default=2,
+        ge=0,
+        description="Times a judgment whose score or verdict cannot be read is asked for again; after that it "
+        "counts as unparsed (reported, left out of the mean).",
+    )
+    max_tokens: int = Field(default=256, gt=0, description="Longest judgment.")
+
+
 class EvalConfig(Section):
     max_new_tokens: int = Field(default=128, gt=0, description="Longest generated answer.")
     batch_size: int = Field(default=16, gt=0, description="Prompts generated together (left-padded).")
@@ -180,13 +226,32 @@ class EvalConfig(Section):
     bootstrap_resamples: int = Field(
         default=1000, ge=100, description="Bootstrap resamples for the 95 % confidence intervals."
     )
-    seed: int = Field(default=0, description="Seed of the bootstrap resampling.")
+    seed: int = Field(default=0, description="Seed of the bootstrap resampling and of the few-shot draw.")
+    baseline_shots: int = Field(
+        default=0,
+        ge=0,
+        description="With k > 0, a second baseline gets k examples drawn (seeded) from the train split as "
+        "user/assistant turns after the system prompt; the candidate must beat both baselines.",
+    )
+    endpoint: EndpointConfig | None = Field(
+        default=None, description="An OpenAI-compatible endpoint evaluated with `tuneloop eval CONFIG --model endpoint`."
+    )
+    judge: JudgeConfig | None = Field(
+        default=None, description="The judge model for the `judge` (1-5 rubric) and `pairwise` (blind A/B) metrics."
+    )
     enforce_gate: bool = Field(
         default=True,
         description="`tuneloop run` and `registry register`: when the fine-tune fails the gate, register nothing "
         "(run exits with code 3); "
         "false only reports the verdict (smoke tests on toy models).",
     )
+
+    @model_validator(mode="after")
+    def _judge_metrics_need_a_judge(self) -> EvalConfig:
+        judged = [m.name for m in self.metrics if m.name in ("judge", "pairwise")]
+        if judged and self.judge is None:
+            raise ValueError(f"metric {judged[0]} needs eval.judge (base_url, model)")
+        return self
 
 
 class RegistryConfig(Section):
@@ -280,6 +345,8 @@ def _valid_keys(parent_loc: tuple) -> list[str]:
     model: type[BaseModel] = RunConfig
     for part in parent_loc:
         annotation = model.model_fields[str(part)].annotation
+        # An optional section (`JudgeConfig | None`) lists the keys of the section itself.
+        annotation = next((a for a in get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)), annotation)
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return []
         model = annotation

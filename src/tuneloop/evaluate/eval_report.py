@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tuneloop.artifacts import EvalReport
-from tuneloop.evaluate.report import label, metric_rows, ordered, verdict
+from tuneloop.evaluate.report import label, metric_header, metric_rows, ordered, verdict
 
 CSS = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;padding:0 1em;color:#222}
@@ -48,7 +48,7 @@ def _sections(sides: dict[str, dict], report: EvalReport, chart: Path) -> list[S
             [lines[0], *lines[1:], "Baseline: the base model with the same system prompt. Intervals: paired "
              "bootstrap, 95 %. Gate: the whole interval of the difference must lie above zero."],
         ),
-        Section("Metrics", header=["metric", "baseline", "fine-tuned", "Δ", "95 % CI of Δ", "gate"],
+        Section("Metrics", [*_opponent_notes(report), *_unparsed_notes(sides)], header=metric_header(report),
                 rows=[list(r) for r in _metric_rows_with_ci(report)]),
         Section("Chart", image=chart),
     ]
@@ -59,6 +59,25 @@ def _sections(sides: dict[str, dict], report: EvalReport, chart: Path) -> list[S
     sections.append(_flip_section(report))
     sections.append(_side_by_side(sides, report))
     return sections
+
+
+def _opponent_notes(report: EvalReport) -> list[str]:
+    notes = {
+        "production": "production: the registered version with the `production` alias, on the same rows.",
+    }
+    return [notes.get(name, f"{name}: the base model with solved train-split examples before each prompt.")
+            for name in report.opponents]
+
+
+def _unparsed_notes(sides: dict[str, dict]) -> list[str]:
+    """How many judgments could not be read after the retries, per side (left out of the judge means)."""
+    notes = []
+    for side, result in sides.items():
+        counts = {m: sum(1 for r in result["rows"] if r["grades"].get(m) == 1.0)
+                  for m in ("judge.unparsed", "pairwise.unparsed") if m in result["metrics"]}
+        notes += [f"{side}: {n} of {len(result['rows'])} rows with an unparsed judgment ({label(m)})"
+                  for m, n in counts.items()]
+    return notes
 
 
 def _metric_rows_with_ci(report: EvalReport) -> list[tuple[str, ...]]:
@@ -116,10 +135,11 @@ def _side_by_side(sides: dict[str, dict], report: EvalReport) -> Section:
         flips = "; ".join(f"{kind} {label(m).strip()}" for kind, m in row_flips.get(i, [])) or "-"
         scores = ", ".join(f"{label(m).strip()} {_score(base['grades'].get(m))}→{_score(cand['grades'].get(m))}"
                            for m in report.gate_metrics if m in base["grades"] or m in cand["grades"])
-        rows.append([str(i + 1), flips, scores or "-", base["reference"], base["answer"], cand["answer"]])
+        others = [sides[name]["rows"][i]["answer"] for name in report.opponents]
+        rows.append([str(i + 1), flips, scores or "-", base["reference"], base["answer"], *others, cand["answer"]])
     return Section("Every test row, baseline and fine-tuned side by side (flips first)",
-                   header=["row", "flips", "gate metric b→c", "reference", "baseline", "fine-tuned"], rows=rows,
-                   answers=True)
+                   header=["row", "flips", "gate metric b→c", "reference", "baseline", *report.opponents, "fine-tuned"],
+                   rows=rows, answers=True)
 
 
 def _row_flips(report: EvalReport) -> dict[int, list[tuple[str, str]]]:

@@ -7,8 +7,8 @@ import math
 
 def decide(gate_metrics: list[str], differences: dict[str, dict[str, list[float]]]) -> list[str]:
     """The failures of the gate, one line each (empty: the candidate passes). `differences` maps each
-    opponent ("baseline"; later also the production version) to {metric: [candidate - opponent, low,
-    high]}; the candidate must beat every opponent on every gate metric with the whole 95 % interval of
+    opponent ("baseline", the few-shot baseline, "production") to {metric: [candidate - opponent,
+    low, high]}; the candidate must beat every opponent on every gate metric with the whole 95 % interval of
     the difference above zero."""
     failures = []
     for opponent, diff in differences.items():

@@ -9,6 +9,7 @@ from pathlib import Path
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from tuneloop.artifacts import BaseModelRef
+from tuneloop.errors import TuneloopError
 from tuneloop.models import load_model, load_tokenizer
 
 
@@ -20,24 +21,31 @@ class Generation:
     completion_tokens: int
 
 
+def model_kind(directory: Path) -> str:
+    """"adapter" for a PEFT adapter directory, "model" for a full (merged) model directory."""
+    if (directory / "adapter_config.json").is_file():
+        return "adapter"
+    if (directory / "config.json").is_file():
+        return "model"
+    raise TuneloopError(
+        f"{directory}: neither a PEFT adapter (adapter_config.json) nor a model directory (config.json)"
+    )
+
+
 def generate_answers(
     base: BaseModelRef,
-    adapter_dir: Path | None,
+    model_dir: Path | None,
     prompts: list[list[dict[str, str]]],
     max_new_tokens: int,
     batch_size: int,
     label: str,
 ) -> list[Generation]:
-    """Answer each chat prompt greedily with the base model, or with the adapter on top of it."""
+    """Answer each chat prompt greedily with the base model, with an adapter on top of it, or with a full
+    (merged) model directory in its place (`model_dir`)."""
     import torch
 
-    tokenizer = load_tokenizer(base)
+    tokenizer, model = _load(base, model_dir)
     tokenizer.padding_side = "left"
-    model = load_model(base)
-    if adapter_dir is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter_dir)
     model.eval()
 
     encoded = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"] for p in prompts]
@@ -68,6 +76,20 @@ def generate_answers(
             rate = generated_tokens / (time.perf_counter() - started)
             progress.update(task, advance=len(batch), rate=f"{rate:,.0f} tok/s")
     return results  # type: ignore[return-value]
+
+
+def _load(base: BaseModelRef, model_dir: Path | None):
+    if model_dir is None or model_kind(model_dir) == "adapter":
+        model = load_model(base)
+        if model_dir is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, model_dir)
+        return load_tokenizer(base), model
+    full = BaseModelRef(str(model_dir), model_dir, base.trust_remote_code)
+    # A merged model saved without its tokenizer answers with the base model's.
+    has_tokenizer = (model_dir / "tokenizer_config.json").is_file()
+    return load_tokenizer(full if has_tokenizer else base), load_model(full)
 
 
 def _length_until_eos(tokens: list[int], tokenizer) -> int:

@@ -1,4 +1,4 @@
-"""Baseline vs candidate on the same held-out rows, with confidence intervals and the promotion gate."""
+"""Baseline(s) vs candidate on the same held-out rows, with confidence intervals and the promotion gate."""
 
 from __future__ import annotations
 
@@ -10,33 +10,79 @@ from typing import Callable
 
 from tuneloop.artifacts import Adapter, BaseModelRef, Dataset, EvalReport, save_meta
 from tuneloop.config import EvalConfig
+from tuneloop.errors import TuneloopError
+from tuneloop.evaluate import endpoint
 from tuneloop.evaluate import metrics as metric_set
-from tuneloop.evaluate.gate import decide
-from tuneloop.evaluate.generate import Generation, generate_answers
+from tuneloop.evaluate.endpoint import Endpoint
 from tuneloop.evaluate.eval_report import write_eval_report
+from tuneloop.evaluate.gate import decide
+from tuneloop.evaluate.generate import Generation, generate_answers, model_kind
+from tuneloop.evaluate.judge import Judge, compare_answers, normalised, score_answers
 from tuneloop.evaluate.report import write_report
+from tuneloop.evaluate.shots import draw_shots, with_shots
 from tuneloop.evaluate.stats import bootstrap, flips
 
 
+Model = Path | Endpoint  # an adapter or full model directory, or an OpenAI-compatible endpoint
+
+
 def evaluate(
-    cfg: EvalConfig, data: Dataset, base: BaseModelRef, adapter: Adapter | None, run_dir: Path
+    cfg: EvalConfig,
+    data: Dataset,
+    base: BaseModelRef,
+    adapter: Adapter | None,
+    run_dir: Path,
+    model: Model | None = None,
+    production: Path | None = None,
+    judge: Judge | None = None,
 ) -> EvalReport:
-    """Score the base model (the baseline, same system prompt) and, when given, the fine-tuned adapter
-    on the test split; with a candidate, decide the promotion gate and write the reports. The baseline's
-    answers are reused while the base model, test rows and generation settings are unchanged."""
+    """Score the base model (the baseline, same system prompt; with `baseline_shots`, also a few-shot
+    baseline) and, when given, a candidate on the test split: `model` (an adapter or full model directory,
+    or an endpoint), else the run's `adapter`. With a candidate, the production version's adapter
+    (`production`) joins the baselines as an opponent; the gate is decided and the reports written.
+    Baseline answers are reused while the base model, test rows and generation settings are unchanged."""
     out = run_dir / "eval"
+    target = model if model is not None else (adapter.dir if adapter is not None else None)
+    for directory in (target, production):
+        if isinstance(directory, Path):
+            model_kind(directory)  # fail before any generation
     rows = _read_rows(data.test, cfg.max_rows)
+    prompts = _prompts(rows)
     fingerprint = {
         "base_model": base.name,
         "test_hash": data.split_hashes["test"],
         **cfg.model_dump(include={"max_new_tokens", "batch_size", "max_rows"}),
     }
-    baseline = _generate_cached(out / "baseline", fingerprint, lambda prompts: generate_answers(
-        base, None, prompts, cfg.max_new_tokens, cfg.batch_size, "baseline"), rows)
+    baseline = _generate_cached(out / "baseline", fingerprint, _local(cfg, base, None, "baseline"), prompts)
+    opponents = _few_shot_baseline(cfg, data, base, prompts, fingerprint, out)
     candidate = None
-    if adapter is not None:
-        candidate = generate_answers(base, adapter.dir, _prompts(rows), cfg.max_new_tokens, cfg.batch_size, "fine-tuned")
-    return compare(cfg, data, rows, baseline, candidate, run_dir, adapter)
+    if target is not None:
+        if production is not None:
+            opponents["production"] = _local(cfg, base, production, "production")(prompts)
+        if isinstance(target, Endpoint):
+            candidate = endpoint.generate_answers(target, prompts, cfg.max_new_tokens, "candidate")
+        else:
+            candidate = _local(cfg, base, target, "candidate")(prompts)
+    return compare(cfg, data, rows, baseline, candidate, run_dir, adapter if model is None else None, opponents, judge)
+
+
+def _local(cfg: EvalConfig, base: BaseModelRef, model_dir: Path | None, label: str) -> Callable[[list], list[Generation]]:
+    return lambda prompts: generate_answers(base, model_dir, prompts, cfg.max_new_tokens, cfg.batch_size, label)
+
+
+def _few_shot_baseline(
+    cfg: EvalConfig, data: Dataset, base: BaseModelRef, prompts: list, fingerprint: dict, out: Path
+) -> dict[str, list[Generation]]:
+    if not cfg.baseline_shots:
+        return {}
+    name = f"{cfg.baseline_shots}-shot baseline"
+    shots = draw_shots(data.train, cfg.baseline_shots, cfg.seed)
+    directory = out / _slug(name)
+    stamp = {**fingerprint, "shots": shots, "train_hash": data.split_hashes.get("train")}
+    generate = _local(cfg, base, None, name)
+    answers = _generate_cached(directory, stamp, generate, [with_shots(p, shots) for p in prompts])
+    (directory / "shots.json").write_text(json.dumps(shots, indent=2, ensure_ascii=False), encoding="utf-8")
+    return {name: answers}
 
 
 def compare(
@@ -47,30 +93,36 @@ def compare(
     candidate: list[Generation] | None,
     run_dir: Path,
     adapter: Adapter | None = None,
+    opponents: dict[str, list[Generation]] | None = None,
+    judge: Judge | None = None,
 ) -> EvalReport:
-    """Grade the answers of both models, bootstrap the intervals, decide the gate, write the reports."""
+    """Grade the answers of the baseline, the further `opponents` (name -> answers) and the candidate,
+    bootstrap the intervals, decide the gate against every opponent, write the reports."""
     out = run_dir / "eval"
     schema = json.loads(data.answer_schema.read_text(encoding="utf-8")) if data.answer_schema else None
     specs = cfg.metrics or metric_set.default_metrics(schema)
     gated = metric_set.gate_keys(specs, schema)
-    references = [row["messages"][-1]["content"] for row in rows]
-
-    # 1. Grade each side and keep its per-row answers and scores on disk.
-    base_graded = metric_set.grade(specs, references, [g.text for g in baseline], schema)
-    sides = {"baseline": _save_side(out / "baseline", rows, baseline, base_graded)}
-    cand_graded = None
+    answers = {"baseline": baseline, **(opponents or {})}
+    others = list(answers)
     if candidate is not None:
-        cand_graded = metric_set.grade(specs, references, [g.text for g in candidate], schema)
-        sides["candidate"] = _save_side(out / "candidate", rows, candidate, cand_graded)
+        answers["candidate"] = candidate
 
-    # 2. Paired bootstrap: the same resampled rows for both sides.
-    base_ci, cand_ci, difference = bootstrap(
-        base_graded.statistics, None if cand_graded is None else cand_graded.statistics, cfg.bootstrap_resamples, cfg.seed
-    )
+    # 1. Grade each side (the judge scores each answer on its own), then judge the candidate against each
+    #    opponent pairwise; keep every side's answers and scores on disk.
+    graded, versus = _grade_sides(specs, rows, answers, schema, judge)
+    sides = {side: _save_side(out / _slug(side), rows, answers[side], g) for side, g in graded.items()}
 
-    # 3. The gate. The production version joins "baseline" here as a second opponent once the registry
-    #    can hand over its answers on the same rows.
-    failures = None if difference is None else decide(gated, {"baseline": difference})
+    # 2. Paired bootstrap: the same resampled rows (same seed) for every side and metric.
+    def paired(side: str) -> tuple:
+        cand = versus[side].statistics if side in versus else None
+        return bootstrap(graded[side].statistics, cand, cfg.bootstrap_resamples, cfg.seed)
+
+    intervals = {side: paired(side) for side in others}
+    base_ci, cand_ci, difference = intervals["baseline"]
+
+    # 3. The gate: the candidate must beat every opponent on every gate metric.
+    differences = {side: intervals[side][2] for side in others if intervals[side][2] is not None}
+    failures = decide(gated, differences) if candidate is not None else None
     report = EvalReport(
         dir=out,
         rows=len(rows),
@@ -79,17 +131,69 @@ def compare(
         baseline_ci=base_ci,
         candidate_ci=cand_ci,
         difference=difference,
-        flips=None if cand_graded is None else _flips(base_graded.per_row, cand_graded.per_row),
+        flips=None if candidate is None else _flips(graded["baseline"].per_row, graded["candidate"].per_row),
         gate_metrics=gated,
         gate_passed=None if failures is None else not failures,
         gate_failures=failures or [],
+        opponents={side: sides[side]["metrics"] for side in others[1:]},
+        opponent_ci={side: intervals[side][0] for side in others[1:]},
+        opponent_difference={side: differences[side] for side in others[1:] if side in differences},
     )
-    if cand_graded is not None:
+    if candidate is not None:
         summary = write_report(run_dir, rows, sides, report, adapter)
         full = write_eval_report(run_dir, sides, report)
         report = dataclasses.replace(report, report=summary, html_report=full)
     save_meta(report, out)
     return report
+
+
+def _grade_sides(specs: list, rows: list[dict], answers: dict[str, list[Generation]], schema: dict | None,
+                 judge: Judge | None) -> tuple[dict[str, metric_set.Graded], dict[str, metric_set.Graded]]:
+    """Every side's grades, and the candidate's grades against each opponent (they differ in `pairwise`)."""
+    graded = {side: _grade(specs, rows, gens, schema, judge) for side, gens in answers.items()}
+    if "candidate" not in answers:
+        return graded, {}
+    versus = {side: _pairwise(specs, rows, graded, side, answers, judge) for side in answers if side != "candidate"}
+    graded["candidate"] = versus["baseline"]
+    return graded, versus
+
+
+def _grade(specs: list, rows: list[dict], generations: list[Generation], schema: dict | None, judge: Judge | None):
+    references = [row["messages"][-1]["content"] for row in rows]
+    answers = [g.text for g in generations]
+    graded = metric_set.grade(specs, references, answers, schema)
+    if any(s.name == "judge" for s in specs):
+        scores = score_answers(_needed(judge), _prompts(rows), references, answers)
+        graded.add("judge", [normalised(s) for s in scores])
+        graded.add("judge.unparsed", [float(s is None) for s in scores])
+    return graded
+
+
+def _pairwise(
+    specs: list, rows: list[dict], graded: dict, opponent: str, answers: dict[str, list[Generation]], judge: Judge | None
+) -> metric_set.Graded:
+    """The candidate's grades with its pairwise outcomes against `opponent`; the opponent gets the mirror."""
+    candidate = graded["candidate"]
+    if not any(s.name == "pairwise" for s in specs):
+        return candidate
+    references = [row["messages"][-1]["content"] for row in rows]
+    texts = {side: [g.text for g in answers[side]] for side in ("candidate", opponent)}
+    outcomes = compare_answers(_needed(judge), _prompts(rows), references, texts["candidate"], texts[opponent])
+    versus = metric_set.Graded(dict(candidate.statistics), dict(candidate.per_row), candidate.classification)
+    for side, scores in ((versus, outcomes), (graded[opponent], [None if o is None else 1 - o for o in outcomes])):
+        side.add("pairwise", scores)
+        side.add("pairwise.unparsed", [float(o is None) for o in outcomes])
+    return versus
+
+
+def _needed(judge: Judge | None) -> Judge:
+    if judge is None:
+        raise TuneloopError("the judge and pairwise metrics need eval.judge (base_url, model)")
+    return judge
+
+
+def _slug(side: str) -> str:
+    return side.replace(" ", "-")
 
 
 def _read_rows(path: Path, limit: int | None) -> list[dict]:
@@ -103,12 +207,12 @@ def _prompts(rows: list[dict]) -> list[list[dict[str, str]]]:
 
 
 def _generate_cached(
-    directory: Path, fingerprint: dict, generate: Callable[[list], list[Generation]], rows: list[dict]
+    directory: Path, fingerprint: dict, generate: Callable[[list], list[Generation]], prompts: list
 ) -> list[Generation]:
     stamp, saved = directory / "fingerprint.json", directory / "generations.json"
     if stamp.is_file() and saved.is_file() and json.loads(stamp.read_text()) == fingerprint:
         return [Generation(**g) for g in json.loads(saved.read_text())]
-    generations = generate(_prompts(rows))
+    generations = generate(prompts)
     directory.mkdir(parents=True, exist_ok=True)
     saved.write_text(json.dumps([dataclasses.asdict(g) for g in generations], ensure_ascii=False))
     stamp.write_text(json.dumps(fingerprint, indent=2, default=str))
@@ -138,5 +242,13 @@ def _save_side(directory: Path, rows: list[dict], generations: list[Generation],
 
 def _flips(baseline: dict[str, list], candidate: dict[str, list]) -> dict[str, dict[str, list[int]]]:
     """Fixed and broken rows for every pass/fail metric (per-row scores of 0 or 1 only)."""
-    binary = [m for m, s in baseline.items() if m in candidate and all(v in (0.0, 1.0, None) for v in s + candidate[m])]
+    binary = [
+        m for m, s in baseline.items()
+        if m in candidate and not _judge_side_metric(m) and all(v in (0.0, 1.0, None) for v in s + candidate[m])
+    ]
     return {m: flips(baseline[m], candidate[m]) for m in binary}
+
+
+def _judge_side_metric(name: str) -> bool:
+    # pairwise is one comparison seen from both sides, and an unparsed count is not a pass/fail grade
+    return name.startswith("pairwise") or name.endswith(".unparsed")

@@ -75,6 +75,8 @@ def grade(specs: list[MetricConfig], references: list[str], answers: list[str], 
                 _corpus(graded, spec, references, answers)
             case "embedding_similarity":
                 graded.add("embedding_similarity", graders.embedding_similarity(answers, references))
+            case "judge" | "pairwise":
+                continue  # these need the prompts and a judge model: the harness adds them (judge.py)
             case _:
                 _rowwise(graded, spec, references, answers, schema)
     return graded

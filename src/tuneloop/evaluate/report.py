@@ -20,6 +20,10 @@ LABELS = {
     "exact_match": "exact match",
     "normalized_match": "normalised match",
     "regex": "regex match",
+    "judge": "LLM judge, 1-5 rubric as (score - 1) / 4",
+    "judge.unparsed": "LLM judge: unparsed judgments",
+    "pairwise": "pairwise win rate vs the baseline (ties ½)",
+    "pairwise.unparsed": "pairwise: unparsed judgments",
     "latency_ms": "mean latency (ms/row, batched)",
 }
 
@@ -28,6 +32,8 @@ def label(name: str) -> str:
     """The display name of a metric."""
     if name.startswith("field."):
         return f"  accuracy: {name.removeprefix('field.')}"
+    if name in LABELS:
+        return LABELS[name]
     if name.endswith(".accuracy") or name.endswith(".macro_f1"):
         prefix, _, kind = name.rpartition(".")
         return f"{prefix}: {'label accuracy' if kind == 'accuracy' else 'macro-F1'}"
@@ -44,23 +50,43 @@ def ordered(names: list[str] | dict) -> list[str]:
             return (3, 0, "")
         if name.startswith("field."):
             return (0, rank["field_accuracy"], name)
-        if "." in name:
+        if "." in name and name not in rank:
             return (1, 0, name)
         return (0, rank.get(name, 99), "") if rank.get(name, 99) <= rank["field_accuracy"] else (2, rank.get(name, 99), name)
 
     return sorted(names, key=key)
 
 
+def metric_header(report: EvalReport) -> list[str]:
+    """Column names of `metric_rows`: two more columns for each further opponent."""
+    extra = [column for name in report.opponents for column in (name, f"Δ vs {name} [95 % CI]")]
+    return ["metric", "baseline", "fine-tuned", "Δ", "95 % CI of Δ", *extra, "gate"]
+
+
 def metric_rows(report: EvalReport) -> list[tuple[str, ...]]:
-    """(metric, baseline, fine-tuned, difference, 95 % CI of the difference, gate) per metric."""
+    """(metric, baseline, fine-tuned, difference, 95 % CI of the difference, [each further opponent and the
+    difference to it], gate) per metric."""
     rows = []
     for name in ordered(report.baseline):
         b = report.baseline.get(name)
         c = None if report.candidate is None else report.candidate.get(name)
-        diff = (report.difference or {}).get(name)
-        ci = "-" if diff is None else f"[{_fmt_delta(name, 0.0, diff[1])}, {_fmt_delta(name, 0.0, diff[2])}]"
-        rows.append((label(name), _fmt(name, b), _fmt(name, c), _fmt_delta(name, b, c), ci, _gate_mark(report, name)))
+        ci = _fmt_ci(name, (report.difference or {}).get(name))
+        rows.append((label(name), _fmt(name, b), _fmt(name, c), _fmt_delta(name, b, c), ci,
+                     *_opponent_cells(report, name), _gate_mark(report, name)))
     return rows
+
+
+def _opponent_cells(report: EvalReport, name: str) -> list[str]:
+    cells = []
+    for side, values in report.opponents.items():
+        diff = report.opponent_difference.get(side, {}).get(name)
+        delta = "-" if diff is None else f"{_fmt_delta(name, 0.0, diff[0])} {_fmt_ci(name, diff)}"
+        cells += [_fmt(name, values.get(name)), delta]
+    return cells
+
+
+def _fmt_ci(name: str, diff: list[float] | None) -> str:
+    return "-" if diff is None else f"[{_fmt_delta(name, 0.0, diff[1])}, {_fmt_delta(name, 0.0, diff[2])}]"
 
 
 def _gate_mark(report: EvalReport, name: str) -> str:
@@ -77,16 +103,16 @@ def verdict(report: EvalReport) -> str:
         return "gate: no candidate to judge (baseline only)"
     if report.gate_passed:
         gains = ", ".join(f"{m} {_fmt_delta(m, 0.0, report.difference[m][0])}" for m in report.gate_metrics)
-        return f"gate passed: the fine-tune beats the baseline with 95 % confidence on {gains}"
+        opponents = " and ".join(["the baseline", *(f"the {name}" for name in report.opponents)])
+        return f"gate passed: the fine-tune beats {opponents} with 95 % confidence on {gains}"
     return "gate FAILED, not promoted:\n" + "\n".join(f"  - {f}" for f in report.gate_failures)
 
 
 def comparison_table(report: EvalReport) -> Table:
     table = Table(title=f"baseline vs fine-tuned on {report.rows} held-out test rows")
-    columns = (("metric", "left"), ("baseline", "right"), ("fine-tuned", "right"), ("Δ", "right"),
-               ("95 % CI of Δ", "right"), ("", "left"))
-    for column, justify in columns:
-        table.add_column(column, justify=justify)
+    header = metric_header(report)
+    for i, column in enumerate(header):
+        table.add_column("" if column == "gate" else column, justify="left" if i in (0, len(header) - 1) else "right")
     for row in metric_rows(report):
         table.add_row(*row)
     return table
@@ -109,8 +135,8 @@ def write_report(
         f"**{verdict(report).splitlines()[0]}**",
         *verdict(report).splitlines()[1:],
         "",
-        "| metric | baseline | fine-tuned | Δ | 95 % CI of Δ | gate |",
-        "| --- | ---: | ---: | ---: | ---: | --- |",
+        f"| {' | '.join(metric_header(report))} |",
+        "| --- | " + "---: | " * (len(metric_header(report)) - 2) + "--- |",
         *[f"| {' | '.join(r).strip()} |" for r in metric_rows(report)],
         "",
         "![baseline vs fine-tuned](metrics.png)",

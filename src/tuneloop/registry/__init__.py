@@ -1,5 +1,12 @@
 """Registry stage: versions, lineage and headline metrics on MLflow."""
 
-from tuneloop.registry.store import HEADLINE, adapter_paths, list_versions, register
+from tuneloop.registry.store import (
+    HEADLINE,
+    adapter_paths,
+    list_versions,
+    production_version,
+    register,
+    version_dir,
+)
 
-__all__ = ["HEADLINE", "adapter_paths", "list_versions", "register"]
+__all__ = ["HEADLINE", "adapter_paths", "list_versions", "production_version", "register", "version_dir"]

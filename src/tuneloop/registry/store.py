@@ -100,6 +100,35 @@ def adapter_paths(cfg: RegistryConfig, base_model: str) -> dict[str, Path]:
     return paths
 
 
+PRODUCTION = "production"
+
+
+def production_version(cfg: RegistryConfig, name: str) -> ModelVersion | None:
+    """The version of model `name` that carries the `production` alias, or None (no such model or alias)."""
+    from mlflow.exceptions import MlflowException
+
+    if not cfg.tracking_uri and not Path(default_tracking_uri().removeprefix("sqlite:///")).is_file():
+        return None  # nothing registered here yet; do not create an empty registry
+    client = _client(cfg)
+    try:
+        return _to_artifact(client.get_model_version_by_alias(name, PRODUCTION))
+    except MlflowException:  # the model or the alias does not exist
+        return None
+
+
+def version_dir(cfg: RegistryConfig, name: str, number: int) -> Path:
+    """The local adapter directory of version `number` of model `name`."""
+    from mlflow.artifacts import download_artifacts
+    from mlflow.exceptions import MlflowException
+
+    client = _client(cfg)
+    try:
+        version = client.get_model_version(name, str(number))
+    except MlflowException:
+        raise TuneloopError(f"registry: model {name!r} has no version {number}") from None
+    return Path(download_artifacts(artifact_uri=version.source))
+
+
 def _client(cfg: RegistryConfig):
     import mlflow
     from mlflow import MlflowClient
