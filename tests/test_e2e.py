@@ -103,6 +103,7 @@ def test_registry_records_lineage_and_per_step_metrics(finished_run):
     version = client.get_model_version("triage-e2e", "1")
     run = client.get_run(version.run_id)
     meta = json.loads((project / "runs" / "triage-e2e" / "train" / "meta.json").read_text())
+    assert version.run_id == meta["mlflow_run_id"]  # the run logged while training, not a second one
     assert run.data.params["dataset_hash"] == meta["dataset_hash"] == version.tags["dataset_hash"]
     assert run.data.params["train.lora_r"] == "16"
     steps = [h for h in meta["history"] if "loss" in h]

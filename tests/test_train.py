@@ -108,3 +108,31 @@ def test_unwritable_output_is_reported_before_training(tiny_model_dir, tmp_path)
     blocker.write_text("")
     with pytest.raises(TuneloopError, match="cannot write the training output"):
         train(TrainConfig(), dataset_stub(tmp_path), BaseModelRef("tiny", tiny_model_dir), blocker)
+
+
+def test_full_fine_tuning_writes_a_model_that_evaluation_loads(tiny_model_dir, tmp_path):
+    config = make_project(tmp_path, tiny_model_dir, "  method: full\n  max_steps: 3\n  learning_rate: 1.0e-3\n")
+    for stage in ("data", "train"):
+        process = cli(stage, str(config), cwd=tmp_path)
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stderr[-3000:]
+    meta = json.loads((tmp_path / "runs/resume/train/meta.json").read_text())
+    model_dir = Path(meta["dir"]) if Path(meta["dir"]).is_absolute() else tmp_path / meta["dir"]
+    assert meta["method"] == "full" and model_dir.name == "model"
+    assert (model_dir / "config.json").is_file() and not (model_dir / "adapter_config.json").exists()
+    assert "tuneloop_varlen" not in (model_dir / "config.json").read_text()  # loads anywhere with plain SDPA
+
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    tuned = AutoModelForCausalLM.from_pretrained(model_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    changed = [n for n, p in tuned.named_parameters() if not torch.equal(p, dict(base.named_parameters())[n])]
+    assert len(changed) > 10  # every layer trained, not an adapter
+    assert load_file(next(model_dir.glob("*.safetensors")))  # weights written as safetensors
+
+    from tuneloop.evaluate.generate import generate_answers
+
+    answers = generate_answers(BaseModelRef("tiny", tiny_model_dir), model_dir, [[{"role": "user", "content": "hi"}]], 4, 1, "full")
+    assert answers[0].completion_tokens > 0

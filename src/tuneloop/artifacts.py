@@ -69,6 +69,11 @@ class Adapter:
     val_loss: float | None
     train_tokens: int
     train_seconds: float
+    mlflow_run_id: str | None = None  # the run training logged to; `registry register` adds the version to it
+    # With checkpoint scoring: the validation metric that chose the saved checkpoint, and that checkpoint's
+    # step (None: the last one was kept, e.g. no score ever improved).
+    checkpoint_metric: str | None = None
+    best_step: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -86,6 +86,27 @@ def _adapter(cfg):
     return load_meta(Adapter, cfg.run_dir / "train", "train CONFIG")
 
 
+def _train(cfg, config: Path, overrides: list[str] | None, base, data, resume: bool = False):
+    """The train stage in this process, or with `train.distributed` in several: this command again under
+    `accelerate launch` (which sets LOCAL_RANK in each process it starts), on the data prepared on disk."""
+    import os
+
+    from tuneloop.evaluate.checkpoint import checkpoint_scorer
+    from tuneloop.registry import training_tracking
+    from tuneloop.train import train as train_stage
+
+    # Resolved before a launch too, so its processes find the MLflow store and experiment already made.
+    tracking = training_tracking(cfg.registry, cfg.model_name)
+    if cfg.train.distributed == "none" or "LOCAL_RANK" in os.environ:
+        return train_stage(cfg.train, data, base, cfg.run_dir, resume=resume, tracking=tracking,
+                           score_checkpoint=checkpoint_scorer(cfg.eval, data))
+    from tuneloop.train.launch import launch
+
+    sets = [arg for override in overrides or [] for arg in ("--set", override)]
+    launch(cfg.train, ["train", str(config.resolve()), *sets, *(["--resume"] if resume else [])])
+    return _adapter(cfg)
+
+
 def _candidate(cfg, spec: str | None):
     """What `--model` names: the configured endpoint, a registered version's adapter, or a directory."""
     import re
@@ -154,7 +175,6 @@ def run(config: ConfigArg, set: SetOpt = None, debug: DebugOpt = False) -> None:
     from tuneloop.evaluate import evaluate
     from tuneloop.evaluate.report import comparison_table, verdict
     from tuneloop.registry import register
-    from tuneloop.train import train
 
     cfg = _load(config, set)
     base = _base(cfg)
@@ -163,7 +183,7 @@ def run(config: ConfigArg, set: SetOpt = None, debug: DebugOpt = False) -> None:
     console.print("[bold]1/3[/] evaluating the baseline (base model, same system prompt)")
     evaluate(cfg.eval, data, base, None, cfg.run_dir, judge=_judge(cfg))
     console.print(f"[bold]2/3[/] training a LoRA adapter on {data.counts['train']} rows")
-    adapter = train(cfg.train, data, base, cfg.run_dir)
+    adapter = _train(cfg, config, set, base, data)
     console.print("[bold]3/3[/] evaluating the fine-tuned model on the same test rows")
     report = evaluate(cfg.eval, data, base, adapter, cfg.run_dir, production=_production(cfg, base, adapter.dir),
                       judge=_judge(cfg))
@@ -196,11 +216,12 @@ def train(
     debug: DebugOpt = False,
 ) -> None:
     """Train a LoRA adapter on the prepared data."""
-    from tuneloop.train import train as train_stage
+    import os
 
     cfg = _load(config, set)
-    adapter = train_stage(cfg.train, _dataset(cfg), _base(cfg), cfg.run_dir, resume=resume)
-    console.print(f"adapter: {adapter.dir.resolve()}  (train loss {adapter.train_loss:.4f})")
+    adapter = _train(cfg, config, set, _base(cfg), _dataset(cfg), resume=resume)
+    if "LOCAL_RANK" not in os.environ:  # inside a launch, the command that launched it reports
+        console.print(f"adapter: {adapter.dir.resolve()}  (train loss {adapter.train_loss:.4f})")
 
 
 @app.command(name="eval")

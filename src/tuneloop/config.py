@@ -93,10 +93,11 @@ class DataConfig(Section):
 
 
 class TrainConfig(Section):
-    method: Literal["lora", "qlora", "dpo"] = Field(
+    method: Literal["lora", "qlora", "full", "dpo"] = Field(
         default="lora",
-        description="`lora`, `qlora` (4-bit NF4 base via bitsandbytes; needs a CUDA GPU), or `dpo` (LoRA trained "
-        "on preference pairs with DPO; the data needs a rejected answer per row).",
+        description="`lora`, `qlora` (4-bit NF4 base via bitsandbytes; needs a CUDA GPU), `full` (every weight "
+        "trained; use a learning rate near 2e-5), or `dpo` (LoRA trained on preference pairs with DPO; the data "
+        "needs a rejected answer per row).",
     )
     lora_r: int = Field(default=16, gt=0, description="LoRA rank.")
     lora_alpha: int = Field(default=32, gt=0, description="LoRA alpha (scaling numerator).")
@@ -113,6 +114,14 @@ class TrainConfig(Section):
     gradient_accumulation: int = Field(default=1, gt=0, description="Steps to accumulate before an update.")
     max_seq_length: int = Field(default=1024, gt=0, description="Longest tokenized example.")
     completion_only_loss: bool = Field(default=True, description="Train on the assistant's answer only.")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        default="auto",
+        description="Matmul precision: `auto` is bf16 mixed precision on GPUs and CPUs that compute bf16 natively "
+        "(avx512_bf16/AMX), else fp32. Weights and optimizer state stay fp32.",
+    )
+    gradient_checkpointing: bool = Field(
+        default=False, description="Recompute activations in the backward pass: less memory, about 30 % slower."
+    )
     eval_steps: int | None = Field(
         default=None, gt=0, description="Validation loss every N steps (default: four times per run)."
     )
@@ -128,6 +137,23 @@ class TrainConfig(Section):
         description="dpo: how strongly the adapter is held to the base model (higher: closer to it).",
     )
     seed: int = Field(default=42, description="Seed for adapter init and data order.")
+    distributed: Literal["none", "ddp", "deepspeed-zero2", "deepspeed-zero3", "fsdp"] = Field(
+        default="none",
+        description="Train with several processes under `accelerate launch`: `ddp` (a full copy per process; on a "
+        "CPU-only machine, gloo), `deepspeed-zero2`/`deepspeed-zero3` (optimizer state, plus weights with zero3, "
+        "sharded; needs CUDA and deepspeed) or `fsdp` (weights sharded; needs CUDA). batch_size stays per process.",
+    )
+    num_processes: int | None = Field(
+        default=None,
+        gt=0,
+        description="Processes of a distributed run (default: every visible GPU; 2 on a machine without one).",
+    )
+
+    @model_validator(mode="after")
+    def _processes_need_a_distributed_run(self) -> TrainConfig:
+        if self.num_processes is not None and self.distributed == "none":
+            raise ValueError("num_processes applies to a distributed run; set train.distributed too")
+        return self
 
 
 GraderName = Literal[
@@ -144,6 +170,21 @@ GraderName = Literal[
     "embedding_similarity",
     "judge",
     "pairwise",
+]
+
+
+# Graders cheap enough to run at every validation during training: no judge model, no embedding model.
+CheckpointGrader = Literal[
+    "exact_match",
+    "normalized_match",
+    "regex",
+    "json_valid",
+    "schema_valid",
+    "field_accuracy",
+    "classification",
+    "rouge_l",
+    "bleu",
+    "chrf",
 ]
 
 
@@ -245,12 +286,28 @@ class EvalConfig(Section):
         "(run exits with code 3); "
         "false only reports the verdict (smoke tests on toy models).",
     )
+    checkpoint_metric: CheckpointGrader | None = Field(
+        default=None,
+        description="Score the model with this grader on validation rows at every validation during training "
+        "and keep the best-scoring checkpoint (not the last); its options (regex pattern, classification "
+        "field) come from the eval.metrics entry of the same name. With early stopping, patience counts "
+        "validations without a better score. Off by default.",
+    )
+    checkpoint_rows: int = Field(
+        default=32, gt=0, description="checkpoint_metric: validation rows answered at each validation."
+    )
 
     @model_validator(mode="after")
     def _judge_metrics_need_a_judge(self) -> EvalConfig:
         judged = [m.name for m in self.metrics if m.name in ("judge", "pairwise")]
         if judged and self.judge is None:
             raise ValueError(f"metric {judged[0]} needs eval.judge (base_url, model)")
+        return self
+
+    @model_validator(mode="after")
+    def _checkpoint_regex_has_a_pattern(self) -> EvalConfig:
+        if self.checkpoint_metric == "regex" and not any(m.name == "regex" for m in self.metrics):
+            raise ValueError("checkpoint_metric regex needs a regex entry with `pattern` in eval.metrics")
         return self
 
 

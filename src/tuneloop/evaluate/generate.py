@@ -5,12 +5,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from tuneloop.artifacts import BaseModelRef
 from tuneloop.errors import TuneloopError
 from tuneloop.models import load_model, load_tokenizer
+from tuneloop.train.template import prompt_ids
 
 
 @dataclass(frozen=True)
@@ -45,19 +47,35 @@ def generate_answers(
     import torch
 
     tokenizer, model = _load(base, model_dir)
-    tokenizer.padding_side = "left"
     model.eval()
-
-    encoded = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"] for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))  # similar lengths share a batch
-    results: list[Generation | None] = [None] * len(prompts)
     with _progress(label) as progress, torch.inference_mode():
         task = progress.add_task(label, total=len(prompts), rate="")
+        return answer_prompts(
+            model, tokenizer, prompts, max_new_tokens, batch_size,
+            on_batch=lambda rows, rate: progress.update(task, advance=rows, rate=f"{rate:,.0f} tok/s"),
+        )
+
+
+def answer_prompts(
+    model,
+    tokenizer,
+    prompts: list[list[dict[str, str]]],
+    max_new_tokens: int,
+    batch_size: int,
+    on_batch: Callable[[int, float], None] | None = None,
+) -> list[Generation]:
+    """Answer each chat prompt greedily with a loaded model in eval mode, in batches of similar length;
+    `on_batch(rows, tokens_per_second)` follows the progress. The tokenizer is left as it was found."""
+    encoded = [prompt_ids(tokenizer, p) for p in prompts]  # exactly the prompt the model was trained on
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))  # similar lengths share a batch
+    results: list[Generation | None] = [None] * len(prompts)
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
         generated_tokens = 0
         started = time.perf_counter()
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
-            inputs = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt")
+            inputs = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt").to(model.device)
             t0 = time.perf_counter()
             output = model.generate(
                 **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
@@ -73,8 +91,10 @@ def generate_answers(
                     prompt_tokens=len(encoded[row]),
                     completion_tokens=n,
                 )
-            rate = generated_tokens / (time.perf_counter() - started)
-            progress.update(task, advance=len(batch), rate=f"{rate:,.0f} tok/s")
+            if on_batch is not None:
+                on_batch(len(batch), generated_tokens / (time.perf_counter() - started))
+    finally:
+        tokenizer.padding_side = padding_side
     return results  # type: ignore[return-value]
 
 

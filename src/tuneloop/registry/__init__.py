@@ -6,7 +6,8 @@ from tuneloop.registry.store import (
     list_versions,
     production_version,
     register,
+    training_tracking,
     version_dir,
 )
 
-__all__ = ["HEADLINE", "adapter_paths", "list_versions", "production_version", "register", "version_dir"]
+__all__ = ["HEADLINE", "adapter_paths", "list_versions", "production_version", "register", "training_tracking", "version_dir"]

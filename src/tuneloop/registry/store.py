@@ -5,11 +5,14 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tuneloop.artifacts import Adapter, Dataset, EvalReport, ModelVersion
 from tuneloop.config import RegistryConfig
 from tuneloop.errors import TuneloopError
+
+if TYPE_CHECKING:
+    from tuneloop.train import Tracking
 
 # MLflow would otherwise send usage telemetry from every user's machine.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -21,29 +24,31 @@ HEADLINE = ("schema_valid", "json_valid", "field_accuracy", "rouge_l")
 def register(
     cfg: RegistryConfig, name: str, adapter: Adapter, report: EvalReport, data: Dataset, run_config: dict[str, Any]
 ) -> ModelVersion:
-    """Log the run (params, per-step metrics, eval metrics, config, adapter) and register the adapter as a
-    new version of model `name`."""
+    """Add the eval metrics, config and adapter to the run training logged (an adapter trained without
+    tracking gets a new run with its params and per-step metrics) and register the adapter as a new
+    version of model `name`."""
     import mlflow
     from mlflow.entities import Metric
 
     client = _client(cfg)
-    experiment_id = _experiment(client, cfg)
-    run = client.create_run(experiment_id, run_name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run, params, metrics = _training_run(client, adapter), {}, []
+    if run is None:
+        run = client.create_run(_experiment(client, cfg), run_name=_run_name(name))
+        params = {
+            "base_model": adapter.base_model,
+            "method": adapter.method,
+            "dataset_hash": data.hash,
+            **{f"train.{k}": v for k, v in adapter.params.items()},
+            **{f"data.{k}": v for k, v in data.counts.items()},
+        }
+        metrics = [
+            Metric(key, value, int(time.time() * 1000), entry["step"])
+            for entry in adapter.history
+            for key, value in entry.items()
+            if key != "step"
+        ]
     run_id = run.info.run_id
-    params = {
-        "base_model": adapter.base_model,
-        "method": adapter.method,
-        "dataset_hash": data.hash,
-        **{f"train.{k}": v for k, v in adapter.params.items()},
-        **{f"data.{k}": v for k, v in data.counts.items()},
-    }
     now = int(time.time() * 1000)
-    metrics = [
-        Metric(key, value, now, entry["step"])
-        for entry in adapter.history
-        for key, value in entry.items()
-        if key != "step"
-    ]
     metrics += [Metric(f"baseline.{k}", v, now, 0) for k, v in report.baseline.items()]
     metrics += [Metric(f"candidate.{k}", v, now, 0) for k, v in (report.candidate or {}).items()]
     for start in range(0, max(len(metrics), 1), 900):  # MLflow caps one batch at 1000 metrics
@@ -57,7 +62,8 @@ def register(
         )
     client.log_dict(run_id, run_config, "config.yaml")
     client.log_artifacts(run_id, str(adapter.dir), "adapter")
-    client.set_terminated(run_id)
+    if run.info.status == "RUNNING":
+        client.set_terminated(run_id)
 
     headline = {k: v for k, v in (report.candidate or {}).items() if k in HEADLINE}
     if not client.search_registered_models(filter_string=f"name = '{name}'"):
@@ -75,6 +81,32 @@ def register(
         description=f"LoRA adapter on {adapter.base_model}, dataset {data.hash[:12]}",
     )
     return _to_artifact(version)
+
+
+def training_tracking(cfg: RegistryConfig, name: str) -> Tracking:
+    """Where training logs its run as it trains: this registry's store and experiment, so that `register`
+    later adds the evaluation and the version to the same run."""
+    from tuneloop.train import Tracking
+
+    client = _client(cfg)
+    return Tracking(uri=cfg.tracking_uri or default_tracking_uri(), experiment_id=_experiment(client, cfg),
+                    run_name=_run_name(name))
+
+
+def _training_run(client, adapter: Adapter):
+    """The run training logged, or None: trained without tracking, or logged to another store."""
+    from mlflow.exceptions import MlflowException
+
+    if adapter.mlflow_run_id is None:
+        return None
+    try:
+        return client.get_run(adapter.mlflow_run_id)
+    except MlflowException:
+        return None
+
+
+def _run_name(name: str) -> str:
+    return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def list_versions(cfg: RegistryConfig, name: str | None = None) -> list[ModelVersion]:

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from tuneloop.artifacts import BaseModelRef
 from tuneloop.errors import TuneloopError
 from tuneloop.models import load_model, load_tokenizer
+from tuneloop.train.template import prompt_ids
 
 
 class UnknownModelError(TuneloopError):
@@ -79,10 +80,7 @@ class Engine:
         """
         if model not in self.model_names:
             raise UnknownModelError(model, self.model_names)
-        # The same call that formats prompts in training and evaluation, so the served prompt matches them.
-        prompt = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=True
-        )["input_ids"]
+        prompt = prompt_ids(self.tokenizer, messages)  # the prompt the model was trained and evaluated on
         return self._generate(model, prompt, sampling)
 
     def _generate(self, model: str, prompt: list[int], sampling: Sampling) -> Generation:

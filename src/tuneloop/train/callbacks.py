@@ -21,6 +21,8 @@ class RichProgress(TrainerCallback):
         self._val_loss: float | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return  # one bar per run, not one per process
         self._progress = Progress(
             TextColumn("[bold]training"),
             BarColumn(),
@@ -40,8 +42,9 @@ class RichProgress(TrainerCallback):
             self._loss = float(logs["loss"])
         if "eval_loss" in logs:
             self._val_loss = float(logs["eval_loss"])
-        if "num_tokens" in logs:
-            self.tokens = int(float(logs["num_tokens"]))
+        for key in ("num_tokens", "num_input_tokens_seen"):  # TRL's name, the Trainer's name
+            if key in logs:
+                self.tokens = int(float(logs[key]))
         self._refresh(state.global_step)
 
     def on_step_end(self, args, state, control, **kwargs):

@@ -7,7 +7,10 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
+
+from transformers import TrainerCallback
 
 from tuneloop.artifacts import Adapter, BaseModelRef, Dataset, save_meta
 from tuneloop.config import TrainConfig
@@ -31,9 +34,19 @@ HISTORY_KEYS = {
 }
 
 
-def train_dpo(cfg: TrainConfig, data: Dataset, base: BaseModelRef, run_dir: Path, resume: bool = False) -> Adapter:
+def train_dpo(
+    cfg: TrainConfig,
+    data: Dataset,
+    base: BaseModelRef,
+    run_dir: Path,
+    resume: bool = False,
+    callbacks: Sequence[TrainerCallback] = (),
+    best_metric: str | None = None,
+) -> Adapter:
     """Train a LoRA adapter with DPO on the preference pairs of `data.train` (validating on `data.val`);
-    write it under `run_dir/train`. With `resume`, continue from the newest checkpoint of an interrupted run."""
+    write it under `run_dir/train`. With `resume`, continue from the newest checkpoint of an interrupted run.
+    `callbacks` join the trainer's; `best_metric` names a validation metric (higher is better) whose best
+    checkpoint is kept instead of the last."""
     import torch
     from transformers import EarlyStoppingCallback, PrinterCallback
     from trl import DPOTrainer
@@ -61,13 +74,13 @@ def train_dpo(cfg: TrainConfig, data: Dataset, base: BaseModelRef, run_dir: Path
     model = load_model(base)
     steps = _total_steps(cfg, len(train_set))
     progress, non_finite = RichProgress(total_steps=steps), StopOnNonFiniteLoss()
-    callbacks = [progress, non_finite, CheckpointEachEpoch()]
+    callbacks = [progress, non_finite, CheckpointEachEpoch(), *callbacks]
     if cfg.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
     trainer = DPOTrainer(
         model=model,
         ref_model=None,
-        args=_dpo_args(cfg, checkpoints, steps, has_val=val_set is not None),
+        args=_dpo_args(cfg, checkpoints, steps, has_val=val_set is not None, best_metric=best_metric),
         train_dataset=train_set,
         eval_dataset=val_set,
         processing_class=tokenizer,
@@ -88,10 +101,8 @@ def train_dpo(cfg: TrainConfig, data: Dataset, base: BaseModelRef, run_dir: Path
 
     # 3. The adapter, its loss curve and meta.json, as the SFT path writes them.
     adapter_dir = out / "adapter"
-    trainer.save_model(str(adapter_dir))
-    tokenizer.save_pretrained(str(adapter_dir))
+    trainer.save_model(str(adapter_dir))  # every process; the first one writes
     history = _history(trainer.state.log_history)
-    plot_loss(history, run_dir / "loss.png")
     losses = [h["loss"] for h in history if "loss" in h]
     adapter = Adapter(
         dir=adapter_dir,
@@ -105,7 +116,11 @@ def train_dpo(cfg: TrainConfig, data: Dataset, base: BaseModelRef, run_dir: Path
         train_tokens=progress.tokens,
         train_seconds=round(seconds, 2),
     )
-    save_meta(adapter, out)
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(adapter_dir))
+        plot_loss(history, run_dir / "loss.png")
+        save_meta(adapter, out)
+    trainer.accelerator.wait_for_everyone()
     return adapter
 
 
@@ -137,14 +152,14 @@ def preference_pairs(path: Path):
     return HFDataset.from_list(records)
 
 
-def _dpo_args(cfg: TrainConfig, output_dir: Path, steps: int, has_val: bool):
+def _dpo_args(cfg: TrainConfig, output_dir: Path, steps: int, has_val: bool, best_metric: str | None = None):
     """The single place where tuneloop's TrainConfig becomes TRL's DPOConfig."""
     import torch
     from trl import DPOConfig
 
     on_gpu = torch.cuda.is_available()
     eval_steps = cfg.eval_steps or max(1, steps // 4)
-    early_stopping = bool(cfg.early_stopping_patience)
+    best = best_metric or ("eval_loss" if cfg.early_stopping_patience else None)
     return DPOConfig(
         output_dir=str(output_dir),
         beta=cfg.dpo_beta,
@@ -162,12 +177,12 @@ def _dpo_args(cfg: TrainConfig, output_dir: Path, steps: int, has_val: bool):
         logging_steps=1,
         logging_nan_inf_filter=False,  # a NaN must reach StopOnNonFiniteLoss, not be averaged away
         save_strategy="steps",
-        # Early stopping restores the best checkpoint, so it needs one at every validation.
-        save_steps=eval_steps if early_stopping else cfg.save_steps,
+        # Early stopping and a checkpoint metric restore the best checkpoint, so they need one at every validation.
+        save_steps=eval_steps if best else cfg.save_steps,
         save_total_limit=2,
-        load_best_model_at_end=early_stopping,
-        metric_for_best_model="eval_loss" if early_stopping else None,
-        greater_is_better=False if early_stopping else None,
+        load_best_model_at_end=best is not None,
+        metric_for_best_model=best,
+        greater_is_better=None if best is None else best != "eval_loss",
         report_to="none",
         disable_tqdm=True,
         seed=cfg.seed,

@@ -12,6 +12,7 @@ from tuneloop.errors import TuneloopError
 
 # Two checkpoints of adapter + Adam moments, the final adapter and slack: a small share of the base weights.
 LORA_DISK_SHARE = 0.5
+FULL_DISK_SHARE = 7.0
 MIN_FREE_BYTES = 200 * 2**20
 
 
@@ -27,7 +28,10 @@ def check_before_training(cfg: TrainConfig, base: BaseModelRef, out: Path) -> No
     except OSError as err:
         raise TuneloopError(f"{out}: cannot write the training output there ({err.strerror})") from None
     weights = sum(f.stat().st_size for f in Path(base.path).glob("*.safetensors"))
-    needed = max(int(weights * LORA_DISK_SHARE), MIN_FREE_BYTES)
+    # A full fine-tune checkpoints the weights and two Adam moments, twice (two checkpoints are kept),
+    # and saves the model once more at the end.
+    share = FULL_DISK_SHARE if cfg.method == "full" else LORA_DISK_SHARE
+    needed = max(int(weights * share), MIN_FREE_BYTES)
     free = shutil.disk_usage(out).free
     if free < needed:
         raise TuneloopError(

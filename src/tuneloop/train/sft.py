@@ -1,4 +1,7 @@
-"""LoRA / QLoRA supervised fine-tuning with TRL's SFTTrainer and PEFT, completion-only loss."""
+"""Supervised fine-tuning (LoRA, QLoRA or all weights) with completion-only loss on padding-free packed
+batches. The Hugging Face Trainer supplies checkpoints, resume, early stopping, mixed precision and
+distributed launch; tuneloop supplies the batches and the loss, which computes the LM head only at the
+positions that are trained."""
 
 from __future__ import annotations
 
@@ -6,60 +9,79 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
+
+from rich.console import Console
+from transformers import TrainerCallback
 
 from tuneloop.artifacts import Adapter, BaseModelRef, Dataset, save_meta
 from tuneloop.config import TrainConfig
 from tuneloop.errors import TuneloopError
 from tuneloop.models import load_model, load_tokenizer
 from tuneloop.train.callbacks import CheckpointEachEpoch, RichProgress, StopOnNonFiniteLoss
+from tuneloop.train.packing import ATTENTION, pack, pad_row, register_attention, split_rows
 from tuneloop.train.plot import plot_loss
 from tuneloop.train.preflight import check_before_training
+from tuneloop.train.template import IGNORE, encode_example
 
 
-def train(cfg: TrainConfig, data: Dataset, base: BaseModelRef, run_dir: Path, resume: bool = False) -> Adapter:
-    """Fine-tune a LoRA adapter on `data.train`, validating on `data.val`; write it under `run_dir/train`.
-    With `resume`, continue from the newest checkpoint of an interrupted run."""
+ROW_MULTIPLE = 64  # packed rows are lengthened to a multiple of this many tokens (see pad_row)
+
+
+def train(
+    cfg: TrainConfig,
+    data: Dataset,
+    base: BaseModelRef,
+    run_dir: Path,
+    resume: bool = False,
+    callbacks: Sequence[TrainerCallback] = (),
+    best_metric: str | None = None,
+) -> Adapter:
+    """Fine-tune on `data.train`, validating on `data.val`; write the adapter (or, with `method: full`,
+    the whole model) under `run_dir/train`. With `resume`, continue from the newest checkpoint of an
+    interrupted run. `callbacks` join the trainer's; `best_metric` names a validation metric (higher is
+    better) whose best checkpoint is kept instead of the last."""
     import torch
     from transformers import EarlyStoppingCallback, PrinterCallback
-    from trl import SFTTrainer
 
+    # 1. Everything that can fail cheaply fails before the model is loaded.
     out = run_dir / "train"
     check_before_training(cfg, base, out)
     checkpoints = out / "checkpoints"
     resume_from = _newest_checkpoint(checkpoints) if resume else None
     if resume and resume_from is None:
         raise TuneloopError(f"{checkpoints}: no checkpoint to resume from; run `tuneloop train` without --resume")
-    if not resume:
-        shutil.rmtree(checkpoints, ignore_errors=True)  # a fresh run never mixes with an old run's checkpoints
-
-    torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(base)
-    model = load_model(base, _quantization(cfg))
-    train_set = _prompt_completion(data.train)
-    val_set = _prompt_completion(data.val) if data.counts.get("val") else None
+    train_set = _encoded(data.train, tokenizer, cfg)
+    val_set = _encoded(data.val, tokenizer, cfg) if data.counts.get("val") else None
     if len(train_set) == 0:
         raise TuneloopError(f"{data.train}: the training split is empty")
     if cfg.early_stopping_patience and val_set is None:
         raise TuneloopError("train.early_stopping_patience needs a validation split; set data.val_fraction above 0")
+    if not resume:
+        shutil.rmtree(checkpoints, ignore_errors=True)  # a fresh run never mixes with an old run's checkpoints
 
+    # 2. Train.
+    torch.manual_seed(cfg.seed)
+    model = _trainable_model(cfg, base)
     steps = _total_steps(cfg, len(train_set))
     progress, non_finite = RichProgress(total_steps=steps), StopOnNonFiniteLoss()
-    callbacks = [progress, non_finite, CheckpointEachEpoch()]
+    callbacks = [progress, non_finite, CheckpointEachEpoch(), *callbacks]
     if cfg.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
-    trainer = SFTTrainer(
+    trainer = _completion_trainer(cfg.max_seq_length)(
         model=model,
-        args=_sft_args(cfg, checkpoints, steps, has_val=val_set is not None),
+        args=_training_args(cfg, checkpoints, steps, has_val=val_set is not None, best_metric=best_metric),
         train_dataset=train_set,
         eval_dataset=val_set,
+        data_collator=pack,
         processing_class=tokenizer,
-        peft_config=_lora_config(cfg),
         callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)  # the rich bar shows the same numbers
     started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - started
     if non_finite.bad_step is not None:
         kept = _newest_checkpoint(checkpoints)
@@ -69,11 +91,11 @@ def train(cfg: TrainConfig, data: Dataset, base: BaseModelRef, run_dir: Path, re
         )
     val_loss = _final_val_loss(trainer) if val_set is not None else None
 
-    adapter_dir = out / "adapter"
-    trainer.save_model(str(adapter_dir))
-    tokenizer.save_pretrained(str(adapter_dir))
+    # 3. Save what evaluation and serving load: plain SDPA attention, the adapter or the whole model.
+    model.config._attn_implementation = "sdpa"
+    adapter_dir = out / ("model" if cfg.method == "full" else "adapter")
+    trainer.save_model(str(adapter_dir))  # every process: sharded weights are gathered here; the first one writes
     history = _history(trainer.state.log_history)
-    plot_loss(history, run_dir / "loss.png")
     adapter = Adapter(
         dir=adapter_dir,
         base_model=base.name,
@@ -86,8 +108,101 @@ def train(cfg: TrainConfig, data: Dataset, base: BaseModelRef, run_dir: Path, re
         train_tokens=progress.tokens,
         train_seconds=round(seconds, 2),
     )
-    save_meta(adapter, out)
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(adapter_dir))
+        plot_loss(history, run_dir / "loss.png")
+        save_meta(adapter, out)
+    trainer.accelerator.wait_for_everyone()
     return adapter
+
+
+def _encoded(path: Path, tokenizer, cfg: TrainConfig):
+    """The split's rows tokenized with completion-only labels; rows cut at max_seq_length are counted
+    and reported, never cut silently."""
+    from datasets import Dataset as HFDataset
+
+    records, truncated = [], 0
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            example = encode_example(tokenizer, json.loads(line)["messages"], cfg.max_seq_length, cfg.completion_only_loss)
+            truncated += example.truncated
+            records.append({"input_ids": example.input_ids, "labels": example.labels})
+    if truncated:
+        Console(stderr=True).print(
+            f"[yellow]{path}: {truncated} of {len(records)} rows are longer than train.max_seq_length="
+            f"{cfg.max_seq_length} tokens; their ends are cut off in training[/yellow]"
+        )
+    return HFDataset.from_list(records)
+
+
+def _trainable_model(cfg: TrainConfig, base: BaseModelRef):
+    """The base model with packed-batch attention, wrapped with a LoRA adapter unless `method: full`.
+    Under bf16 a LoRA base is held in bf16: its weights are frozen, so nothing is lost by not keeping fp32
+    masters, and neither the weights nor the saved activations are cast again at every step. The adapter's
+    own weights stay fp32."""
+    import torch
+
+    register_attention()
+    model = load_model(base, _quantization(cfg))
+    model.set_attn_implementation(ATTENTION)
+    if cfg.method == "full":
+        return model
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.method == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    elif _bf16(torch.cuda.is_available(), cfg.precision):
+        model = model.to(torch.bfloat16)
+    return get_peft_model(model, _lora_config(cfg), autocast_adapter_dtype=True)
+
+
+def _completion_trainer(row_tokens: int):
+    """The Trainer with tuneloop's loss: cross-entropy only at trained positions, from logits computed only
+    there — on short answers after long prompts, most of the LM head's work and memory is skipped. A step's
+    packed batch runs as rows of at most `row_tokens` tokens, one after another."""
+    from contextlib import nullcontext
+
+    import torch.nn.functional as F
+    from transformers import Trainer
+
+    class CompletionTrainer(Trainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            rows = split_rows(inputs, row_tokens)
+            if num_items_in_batch is None:  # each row's loss must be a share of the whole step's
+                num_items_in_batch = (inputs["shift_labels"] != IGNORE).sum()
+            loss = 0.0
+            for i, row in enumerate(rows):
+                # Gradients are synchronised across processes once, after the step's last row.
+                last = i == len(rows) - 1
+                with nullcontext() if last else self.accelerator.no_sync(model):
+                    loss = loss + super().training_step(model, row, num_items_in_batch)
+            return loss
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            batch = pad_row(dict(inputs), ROW_MULTIPLE)
+            targets = batch.pop("shift_labels")[0]  # (T,)
+            batch.pop("labels")
+            trained = (targets != IGNORE).nonzero().squeeze(-1)  # (N,)
+            outputs = model(**batch, logits_to_keep=trained, use_cache=False)
+            loss = F.cross_entropy(outputs.logits[0].float(), targets[trained], reduction="sum")  # logits (N, V)
+            if num_items_in_batch is None:
+                loss = loss / max(len(trained), 1)
+            else:
+                # num_items_in_batch counts every process's trained tokens, and DDP averages the gradients.
+                loss = loss / num_items_in_batch * (self.accelerator.num_processes if self.args.average_tokens_across_devices else 1)
+            return (loss, outputs) if return_outputs else loss
+
+    return CompletionTrainer
+
+
+def _bf16(on_gpu: bool, precision: str) -> bool:
+    import torch
+
+    if precision != "auto":
+        return precision == "bf16"
+    if on_gpu:
+        return torch.cuda.is_bf16_supported()
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def _newest_checkpoint(directory: Path) -> Path | None:
@@ -115,32 +230,21 @@ def _mean_train_loss(history: list[dict[str, float]]) -> float:
     return float(sum(losses) / len(losses)) if losses else float("nan")
 
 
-def _prompt_completion(path: Path):
-    """Rows as TRL's conversational prompt/completion form: the last assistant turn is the completion."""
-    from datasets import Dataset as HFDataset
-
-    records = []
-    with path.open(encoding="utf-8") as handle:
-        for line in handle:
-            messages = json.loads(line)["messages"]
-            records.append({"prompt": messages[:-1], "completion": messages[-1:]})
-    return HFDataset.from_list(records)
-
-
 def _total_steps(cfg: TrainConfig, rows: int) -> int:
-    per_epoch = math.ceil(math.ceil(rows / cfg.batch_size) / cfg.gradient_accumulation)
+    # Each process of a distributed run takes its own batches; `tuneloop train` sets num_processes for them.
+    per_epoch = math.ceil(math.ceil(rows / (cfg.batch_size * (cfg.num_processes or 1))) / cfg.gradient_accumulation)
     return cfg.max_steps or max(1, math.ceil(per_epoch * cfg.epochs))
 
 
-def _sft_args(cfg: TrainConfig, output_dir: Path, steps: int, has_val: bool):
-    """The single place where tuneloop's TrainConfig becomes TRL's SFTConfig."""
+def _training_args(cfg: TrainConfig, output_dir: Path, steps: int, has_val: bool, best_metric: str | None = None):
+    """The single place where tuneloop's TrainConfig becomes the Trainer's arguments."""
     import torch
-    from trl import SFTConfig
+    from transformers import TrainingArguments
 
     on_gpu = torch.cuda.is_available()
     eval_steps = cfg.eval_steps or max(1, steps // 4)
-    early_stopping = bool(cfg.early_stopping_patience)
-    return SFTConfig(
+    best = best_metric or ("eval_loss" if cfg.early_stopping_patience else None)
+    return TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size,
@@ -150,27 +254,28 @@ def _sft_args(cfg: TrainConfig, output_dir: Path, steps: int, has_val: bool):
         warmup_steps=cfg.warmup_ratio,  # transformers 5 reads a value below 1 as a ratio of all steps
         num_train_epochs=cfg.epochs,
         max_steps=steps,
-        max_length=cfg.max_seq_length,
-        completion_only_loss=cfg.completion_only_loss,
-        train_sampling_strategy="group_by_length",  # less padding per batch
+        activation_checkpointing=cfg.gradient_checkpointing,
+        bf16=_bf16(on_gpu, cfg.precision),
+        use_cpu=not on_gpu,
+        remove_unused_columns=False,
+        ddp_find_unused_parameters=False,  # every parameter that trains is used at every step  # the packing collator needs `labels`, which the model never sees
+        include_num_input_tokens_seen="all",  # packed batches hold no padding: all input tokens are real
         eval_strategy="steps" if has_val else "no",
         eval_steps=eval_steps,
         logging_steps=1,
         logging_nan_inf_filter=False,  # a NaN must reach StopOnNonFiniteLoss, not be averaged away
         save_strategy="steps",
-        # Early stopping restores the best checkpoint, so it needs one at every validation.
-        save_steps=eval_steps if early_stopping else cfg.save_steps,
+        # Early stopping and a checkpoint metric restore the best checkpoint, so they need one at every validation.
+        save_steps=eval_steps if best else cfg.save_steps,
         save_total_limit=2,
-        load_best_model_at_end=early_stopping,
-        metric_for_best_model="eval_loss" if early_stopping else None,
-        greater_is_better=False if early_stopping else None,
+        load_best_model_at_end=best is not None,
+        metric_for_best_model=best,
+        greater_is_better=None if best is None else best != "eval_loss",
         report_to="none",
         disable_tqdm=True,
         seed=cfg.seed,
         data_seed=cfg.seed,
         dataloader_num_workers=0,
-        use_cpu=not on_gpu,
-        bf16=on_gpu and torch.cuda.is_bf16_supported(),
     )
 
 
@@ -197,9 +302,10 @@ def _final_val_loss(trainer) -> float:
 
 def _history(log_history: list[dict]) -> list[dict[str, float]]:
     """Per-step train loss, learning rate and grad norm, plus every validation loss, as plain numbers."""
-    keep = ("loss", "learning_rate", "grad_norm", "eval_loss", "num_tokens")
+    keep = {"loss": "loss", "learning_rate": "learning_rate", "grad_norm": "grad_norm", "eval_loss": "eval_loss",
+            "num_input_tokens_seen": "num_tokens"}
     return [
-        {"step": int(entry["step"]), **{k: float(entry[k]) for k in keep if k in entry}}
+        {"step": int(entry["step"]), **{ours: float(entry[k]) for k, ours in keep.items() if k in entry}}
         for entry in log_history
         if "step" in entry and any(k in entry for k in ("loss", "eval_loss"))
     ]
