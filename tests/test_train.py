@@ -110,7 +110,7 @@ def test_unwritable_output_is_reported_before_training(tiny_model_dir, tmp_path)
         train(TrainConfig(), dataset_stub(tmp_path), BaseModelRef("tiny", tiny_model_dir), blocker)
 
 
-def test_full_fine_tuning_writes_a_model_that_evaluation_loads(tiny_model_dir, tmp_path):
+def test_full_fine_tuning_writes_a_model_that_evaluation_and_serving_load(tiny_model_dir, tiny_adapter_dir, tmp_path):
     config = make_project(tmp_path, tiny_model_dir, "  method: full\n  max_steps: 3\n  learning_rate: 1.0e-3\n")
     for stage in ("data", "train"):
         process = cli(stage, str(config), cwd=tmp_path)
@@ -136,3 +136,11 @@ def test_full_fine_tuning_writes_a_model_that_evaluation_loads(tiny_model_dir, t
 
     answers = generate_answers(BaseModelRef("tiny", tiny_model_dir), model_dir, [[{"role": "user", "content": "hi"}]], 4, 1, "full")
     assert answers[0].completion_tokens > 0
+
+    from tuneloop.serve.engine import Engine, Sampling
+
+    engine = Engine(BaseModelRef("tiny", tiny_model_dir), {"triage-v1": model_dir, "triage-lora": tiny_adapter_dir})
+    hi = [{"role": "user", "content": "hi"}]
+    served = {name: engine.complete(name, hi, Sampling(max_tokens=4)).text for name in engine.model_names}
+    assert served["triage-v1"] == answers[0].text  # the full model answers as evaluation saw it
+    assert served["triage-lora"] != served["tiny"]  # adapters still switch on the shared base

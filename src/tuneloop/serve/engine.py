@@ -43,7 +43,8 @@ Generation = Generator[str | Completion, None, None]  # the answer's text in pie
 
 
 class Engine:
-    """A base model and LoRA adapters on top of it, answering one request at a time."""
+    """A base model and LoRA adapters on top of it (plus any fully fine-tuned versions, each a model of its
+    own), answering one request at a time."""
 
     def __init__(self, base: BaseModelRef, adapters: dict[str, Path]):
         if base.name in adapters:
@@ -53,14 +54,19 @@ class Engine:
         model = load_model(base)
         eos = model.generation_config.eos_token_id
         self._eos_ids = {self.tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
-        if adapters:
+        # Fully fine-tuned versions are whole models of their own; the rest are LoRA adapters on the base.
+        full = {name: path for name, path in adapters.items() if not (Path(path) / "adapter_config.json").is_file()}
+        lora = {name: path for name, path in adapters.items() if name not in full}
+        if lora:
             from peft import PeftModel
 
-            (first, first_path), *rest = adapters.items()
+            (first, first_path), *rest = lora.items()
             model = PeftModel.from_pretrained(model, first_path, adapter_name=first)
             for name, path in rest:
                 model.load_adapter(path, adapter_name=name)
         self.model = model.eval()
+        self._has_lora = bool(lora)
+        self._full_models = {name: load_model(BaseModelRef(name, Path(path))).eval() for name, path in full.items()}
         self.adapter_names = list(adapters)
         self._lock = threading.Lock()  # one model in memory: generations take turns, adapters switch between them
 
@@ -139,7 +145,7 @@ class Engine:
             with self._lock, self._using(model), torch.inference_mode():
                 if sampling.seed is not None:
                     torch.manual_seed(sampling.seed)
-                output = self.model.generate(
+                output = self._full_models.get(model, self.model).generate(
                     input_ids=torch.tensor([prompt]),  # (1, T)
                     attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                     streamer=streamer,
@@ -153,7 +159,10 @@ class Engine:
 
     @contextmanager
     def _using(self, name: str):
-        if name == self.base.name and self.adapter_names:
+        if name in self._full_models:
+            yield
+            return
+        if name == self.base.name and self._has_lora:
             with self.model.disable_adapter():
                 yield
             return
