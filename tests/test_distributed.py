@@ -77,7 +77,10 @@ def test_ddp_on_two_cpu_processes_matches_one_process(tiny_model_dir, tmp_path):
     for name, weight in single_weights.items():
         if "lora_B" in name:
             assert weight.abs().max() > 1e-3  # trained away from its zero start, so the comparison means something
-        torch.testing.assert_close(ddp_weights[name], weight, rtol=1e-3, atol=1e-6, msg=name)
+        # Adam divides by the root of tiny second moments, so a single element can amplify float-order noise
+        # (packed rows are padded to different lengths in one and two processes); the whole tensor must agree
+        # to 0.1 %.
+        assert (ddp_weights[name] - weight).norm() <= 1e-3 * weight.norm(), name
 
 
 @pytest.mark.parametrize("choice", ["ddp", "deepspeed-zero2", "deepspeed-zero3", "fsdp"])
