@@ -156,23 +156,6 @@ class TrainConfig(Section):
         return self
 
 
-GraderName = Literal[
-    "exact_match",
-    "normalized_match",
-    "regex",
-    "json_valid",
-    "schema_valid",
-    "field_accuracy",
-    "classification",
-    "rouge_l",
-    "bleu",
-    "chrf",
-    "embedding_similarity",
-    "judge",
-    "pairwise",
-]
-
-
 # Graders cheap enough to run at every validation during training: no judge model, no embedding model.
 CheckpointGrader = Literal[
     "exact_match",
@@ -186,6 +169,7 @@ CheckpointGrader = Literal[
     "bleu",
     "chrf",
 ]
+GraderName = Literal[CheckpointGrader, "embedding_similarity", "judge", "pairwise"]
 
 
 class MetricConfig(Section):

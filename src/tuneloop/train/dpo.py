@@ -19,7 +19,7 @@ from tuneloop.models import load_model, load_tokenizer
 from tuneloop.train.callbacks import CheckpointEachEpoch, RichProgress, StopOnNonFiniteLoss
 from tuneloop.train.plot import plot_loss
 from tuneloop.train.preflight import check_before_training
-from tuneloop.train.sft import _lora_config, _newest_checkpoint, _total_steps
+from tuneloop.train.sft import _lora_config, _newest_checkpoint, _total_steps, final_val_loss, trainer_arguments
 
 # What the per-step history keeps of the trainer's log, under tuneloop's names.
 HISTORY_KEYS = {
@@ -97,7 +97,7 @@ def train_dpo(
             f"training loss became {non_finite.bad_value} at step {non_finite.bad_step}; stopped. "
             f"Last good checkpoint: {kept or 'none yet'}. Lower train.learning_rate and run again"
         )
-    val_loss = _final_val_loss(trainer) if val_set is not None else None
+    val_loss = final_val_loss(trainer) if val_set is not None else None
 
     # 3. The adapter, its loss curve and meta.json, as the SFT path writes them.
     adapter_dir = out / "adapter"
@@ -153,52 +153,18 @@ def preference_pairs(path: Path):
 
 
 def _dpo_args(cfg: TrainConfig, output_dir: Path, steps: int, has_val: bool, best_metric: str | None = None):
-    """The single place where tuneloop's TrainConfig becomes TRL's DPOConfig."""
+    """TrainConfig as TRL's DPOConfig: the arguments all methods share, plus DPO's own."""
     import torch
     from trl import DPOConfig
 
     on_gpu = torch.cuda.is_available()
-    eval_steps = cfg.eval_steps or max(1, steps // 4)
-    best = best_metric or ("eval_loss" if cfg.early_stopping_patience else None)
     return DPOConfig(
-        output_dir=str(output_dir),
+        **trainer_arguments(cfg, output_dir, steps, has_val, best_metric),
         beta=cfg.dpo_beta,
-        per_device_train_batch_size=cfg.batch_size,  # pairs: each step runs 2 x batch_size sequences
-        per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation,
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler,
-        warmup_steps=cfg.warmup_ratio,  # transformers 5 reads a value below 1 as a ratio of all steps
-        num_train_epochs=cfg.epochs,
-        max_steps=steps,
         max_length=cfg.max_seq_length,
-        eval_strategy="steps" if has_val else "no",
-        eval_steps=eval_steps,
-        logging_steps=1,
-        logging_nan_inf_filter=False,  # a NaN must reach StopOnNonFiniteLoss, not be averaged away
-        save_strategy="steps",
-        # Early stopping and a checkpoint metric restore the best checkpoint, so they need one at every validation.
-        save_steps=eval_steps if best else cfg.save_steps,
-        save_total_limit=2,
-        load_best_model_at_end=best is not None,
-        metric_for_best_model=best,
-        greater_is_better=None if best is None else best != "eval_loss",
-        report_to="none",
-        disable_tqdm=True,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        dataloader_num_workers=0,
         use_cpu=not on_gpu,
         bf16=on_gpu and torch.cuda.is_bf16_supported(),
     )
-
-
-def _final_val_loss(trainer) -> float:
-    """Validation loss after the last step, reusing the evaluation made at that step when there was one."""
-    for entry in trainer.state.log_history[-2:]:  # the final step's eval entry precedes the train summary
-        if "eval_loss" in entry and entry.get("step") == trainer.state.global_step:
-            return entry["eval_loss"]
-    return trainer.evaluate()["eval_loss"]
 
 
 def _history(log_history: list[dict]) -> list[dict[str, float]]:

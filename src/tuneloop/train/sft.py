@@ -89,7 +89,7 @@ def train(
             f"training loss became {non_finite.bad_value} at step {non_finite.bad_step}; stopped. "
             f"Last good checkpoint: {kept or 'none yet'}. Lower train.learning_rate and run again"
         )
-    val_loss = _final_val_loss(trainer) if val_set is not None else None
+    val_loss = final_val_loss(trainer) if val_set is not None else None
 
     # 3. Save what evaluation and serving load: plain SDPA attention, the adapter or the whole model.
     model.config._attn_implementation = "sdpa"
@@ -242,9 +242,24 @@ def _training_args(cfg: TrainConfig, output_dir: Path, steps: int, has_val: bool
     from transformers import TrainingArguments
 
     on_gpu = torch.cuda.is_available()
+    return TrainingArguments(
+        **trainer_arguments(cfg, output_dir, steps, has_val, best_metric),
+        activation_checkpointing=cfg.gradient_checkpointing,
+        bf16=_bf16(on_gpu, cfg.precision),
+        use_cpu=not on_gpu,
+        remove_unused_columns=False,  # the packing collator needs `labels`, which the model never sees
+        ddp_find_unused_parameters=False,  # every parameter that trains is used at every step
+        include_num_input_tokens_seen="all",  # packed batches hold no padding: all input tokens are real
+    )
+
+
+def trainer_arguments(
+    cfg: TrainConfig, output_dir: Path, steps: int, has_val: bool, best_metric: str | None = None
+) -> dict:
+    """The Trainer arguments every tuneloop method shares: batch, schedule, validation, checkpoints, logging."""
     eval_steps = cfg.eval_steps or max(1, steps // 4)
     best = best_metric or ("eval_loss" if cfg.early_stopping_patience else None)
-    return TrainingArguments(
+    return dict(
         output_dir=str(output_dir),
         per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size,
@@ -254,12 +269,6 @@ def _training_args(cfg: TrainConfig, output_dir: Path, steps: int, has_val: bool
         warmup_steps=cfg.warmup_ratio,  # transformers 5 reads a value below 1 as a ratio of all steps
         num_train_epochs=cfg.epochs,
         max_steps=steps,
-        activation_checkpointing=cfg.gradient_checkpointing,
-        bf16=_bf16(on_gpu, cfg.precision),
-        use_cpu=not on_gpu,
-        remove_unused_columns=False,
-        ddp_find_unused_parameters=False,  # every parameter that trains is used at every step  # the packing collator needs `labels`, which the model never sees
-        include_num_input_tokens_seen="all",  # packed batches hold no padding: all input tokens are real
         eval_strategy="steps" if has_val else "no",
         eval_steps=eval_steps,
         logging_steps=1,
@@ -291,7 +300,7 @@ def _lora_config(cfg: TrainConfig):
     )
 
 
-def _final_val_loss(trainer) -> float:
+def final_val_loss(trainer) -> float:
     """Validation loss after the last step, reusing the evaluation made at that step when there was one."""
     last = trainer.state.log_history[-2:]  # the final step's eval entry precedes the train summary
     for entry in last:
