@@ -1,12 +1,14 @@
-"""Generation throughput of the eval stage: batched (left-padded) greedy generation against one prompt
-at a time, on ticket-triage prompts with the task's system prompt and the default base model.
+"""Generation throughput of the eval stage: batched greedy generation against one prompt at a time, on
+ticket-triage prompts with the task's system prompt and the default base model. Both paths run the eval
+stage's own generation code (the prompts' shared prefix encoded once), only the batch size differs.
 
-    python benchmarks/eval_throughput.py --prompts 64 --max-new-tokens 64 --batch-size 16
+    python benchmarks/eval_throughput.py --prompts 64 --max-new-tokens 64 --batch-size 32
 
 Both runs use the same prompts and the same max_new_tokens. Throughput counts the generated tokens up
-to the end-of-turn token, over the time spent in generation (model loading and tokenization left out).
+to the end-of-turn token, over the time spent in generation, encoding the shared prefix included (model
+loading and tokenization left out).
 Prints a final JSON line with batched_tokens_per_s, sequential_tokens_per_s and their ratio, and how many
-prompts got the same answer both ways (greedy decoding differs only through padding numerics).
+prompts got the same answer both ways (greedy decoding can differ only through padding numerics).
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=32)  # eval.batch_size's default
     parser.add_argument("--base-model", default=DEFAULT_BASE_MODEL)
     args = parser.parse_args()
 

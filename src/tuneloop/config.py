@@ -240,7 +240,7 @@ class JudgeConfig(EndpointConfig):
 
 class EvalConfig(Section):
     max_new_tokens: int = Field(default=128, gt=0, description="Longest generated answer.")
-    batch_size: int = Field(default=16, gt=0, description="Prompts generated together (left-padded).")
+    batch_size: int = Field(default=32, gt=0, description="Prompts generated together (one KV cache, greedy).")
     max_rows: int | None = Field(default=None, gt=0, description="Evaluate only the first N test rows.")
     metrics: list[MetricConfig] = Field(
         default_factory=list,

@@ -1,7 +1,9 @@
-"""Batched greedy generation for evaluation: left padding, KV cache, longest prompts first."""
+"""Batched greedy generation for evaluation: KV cache, the prompts' shared prefix encoded once, longest
+prompts first."""
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,37 +67,96 @@ def answer_prompts(
     on_batch: Callable[[int, float], None] | None = None,
 ) -> list[Generation]:
     """Answer each chat prompt greedily with a loaded model in eval mode, in batches of similar length;
-    `on_batch(rows, tokens_per_second)` follows the progress. The tokenizer is left as it was found."""
+    `on_batch(rows, tokens_per_second)` follows the progress.
+
+    The tokens every prompt starts with (the chat header, the system prompt, few-shot examples) are encoded
+    once and their KV cache is copied into each batch; each prompt's own tokens follow, padded between the
+    shared prefix and themselves so that every row's answer starts in the same column."""
     encoded = [prompt_ids(tokenizer, p) for p in prompts]  # exactly the prompt the model was trained on
+    prefix = shared_prefix(encoded)
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))  # similar lengths share a batch
     results: list[Generation | None] = [None] * len(prompts)
-    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    try:
-        generated_tokens = 0
-        started = time.perf_counter()
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
-            inputs = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt").to(model.device)
-            t0 = time.perf_counter()
-            output = model.generate(
-                **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+    started = time.perf_counter()
+    prefix_cache = _encode_prefix(model, prefix)
+    prefix_ms_per_row = (time.perf_counter() - started) * 1000 / max(len(prompts), 1)
+    generated_tokens = 0
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        input_ids, attention_mask = _pad_after_prefix([encoded[i] for i in batch], len(prefix), tokenizer.pad_token_id)
+        t0 = time.perf_counter()
+        output = model.generate(
+            input_ids=input_ids.to(model.device),
+            attention_mask=attention_mask.to(model.device),
+            cache=_copy_for_batch(prefix_cache, len(batch)),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        elapsed_ms = (time.perf_counter() - t0) * 1000
+        new_tokens = output[:, input_ids.shape[1] :]  # (B, new)
+        for row, tokens in zip(batch, new_tokens):
+            n = _length_until_eos(tokens.tolist(), tokenizer)
+            generated_tokens += n
+            results[row] = Generation(
+                text=tokenizer.decode(tokens[:n], skip_special_tokens=True),
+                latency_ms=elapsed_ms / len(batch) + prefix_ms_per_row,
+                prompt_tokens=len(encoded[row]),
+                completion_tokens=n,
             )
-            elapsed_ms = (time.perf_counter() - t0) * 1000
-            new_tokens = output[:, inputs["input_ids"].shape[1] :]  # (B, new)
-            for row, tokens in zip(batch, new_tokens):
-                n = _length_until_eos(tokens.tolist(), tokenizer)
-                generated_tokens += n
-                results[row] = Generation(
-                    text=tokenizer.decode(tokens[:n], skip_special_tokens=True),
-                    latency_ms=elapsed_ms / len(batch),
-                    prompt_tokens=len(encoded[row]),
-                    completion_tokens=n,
-                )
-            if on_batch is not None:
-                on_batch(len(batch), generated_tokens / (time.perf_counter() - started))
-    finally:
-        tokenizer.padding_side = padding_side
+        if on_batch is not None:
+            on_batch(len(batch), generated_tokens / (time.perf_counter() - started))
     return results  # type: ignore[return-value]
+
+
+def shared_prefix(encoded: list[list[int]]) -> list[int]:
+    """The tokens all prompts start with, leaving each prompt at least one token of its own (the model
+    needs one uncached token to produce the first answer token's logits)."""
+    if not encoded:
+        return []
+    shortest = min(len(ids) for ids in encoded)
+    prefix = encoded[0][: shortest - 1]
+    for ids in encoded[1:]:
+        same = next((i for i, (a, b) in enumerate(zip(prefix, ids)) if a != b), len(prefix))
+        prefix = prefix[:same]
+    return prefix
+
+
+def _encode_prefix(model, prefix: list[int]):
+    """The KV cache of the shared prefix, or None when there is none."""
+    import torch
+    from transformers import DynamicCache
+
+    if not prefix:
+        return None
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():  # also called between training steps, where gradients are on
+        model(input_ids=torch.tensor([prefix], device=model.device), cache=cache, use_cache=True)
+    return cache
+
+
+def _copy_for_batch(prefix_cache, rows: int):
+    if prefix_cache is None:
+        return None
+    cache = copy.deepcopy(prefix_cache)
+    cache.batch_repeat_interleave(rows)
+    return cache
+
+
+def _pad_after_prefix(rows: list[list[int]], prefix_len: int, pad_id: int):
+    """(B, T) input ids and attention mask: the shared prefix, then padding, then each row's own tokens.
+    Positions come from the attention mask, so a row's tokens sit at the same positions as unpadded."""
+    import torch
+
+    width = max(len(ids) for ids in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, ids in enumerate(rows):
+        own = len(ids) - prefix_len
+        input_ids[r, :prefix_len] = torch.tensor(ids[:prefix_len], dtype=torch.long)
+        input_ids[r, width - own :] = torch.tensor(ids[prefix_len:], dtype=torch.long)
+        attention_mask[r, :prefix_len] = 1
+        attention_mask[r, width - own :] = 1
+    return input_ids, attention_mask
 
 
 def _load(base: BaseModelRef, model_dir: Path | None):
