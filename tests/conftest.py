@@ -93,11 +93,12 @@ def serve_app():
 @pytest.fixture
 def openai_stub(serve_app):
     """A scripted OpenAI-compatible chat endpoint: `start(respond)` serves `respond(body, call_index)`,
-    which returns the reply text or an HTTP error status; returns (base URL, list of received requests)."""
+    which returns the reply text, an HTTP error status or a whole response of its own; returns (base URL,
+    list of received requests)."""
     import threading
 
     from fastapi import FastAPI
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import JSONResponse, Response
 
     def start(respond):
         seen: list[dict] = []
@@ -111,6 +112,8 @@ def openai_stub(serve_app):
                 index = len(seen)
                 seen.append({"body": body, "authorization": request.headers.get("authorization")})
             reply = await _in_thread(respond, body, index)
+            if isinstance(reply, Response):
+                return reply
             if isinstance(reply, int):
                 return JSONResponse({"error": {"message": f"scripted {reply}", "type": "server_error"}}, status_code=reply)
             return {

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from tuneloop.artifacts import Adapter, BaseModelRef, Dataset, save_meta
 from tuneloop.config import EvalConfig, MetricConfig
 
@@ -47,7 +49,11 @@ def test_evaluate_refuses_an_adapter_worse_than_the_base(tiny_model_dir, tiny_ad
         assert row["latency_ms"] > 0 and row["completion_tokens"] > 0 and row["prompt_tokens"] > 0
 
 
-def test_cli_eval_gate_exits_3_naming_the_failing_metric(tiny_model_dir, tiny_adapter_dir, tmp_path, monkeypatch):
+@pytest.fixture
+def cli_project(tiny_model_dir, tiny_adapter_dir, tmp_path, monkeypatch):
+    """A prepared run with the random adapter as its trained adapter; returns a function running the CLI
+    there. The gate metric is a regex asking for a blank answer: the tiny random base model answers every
+    held-out row with newlines only, so the baseline scores 100 % and the adapter can only lose."""
     from typer.testing import CliRunner
 
     from tuneloop.cli import app
@@ -57,25 +63,102 @@ def test_cli_eval_gate_exits_3_naming_the_failing_metric(tiny_model_dir, tiny_ad
     monkeypatch.setenv("COLUMNS", "200")
     lines = (EXAMPLE / "data.jsonl").read_text().splitlines()[:40]
     (tmp_path / "data.jsonl").write_text("\n".join(lines) + "\n")
+    rows = [[{"role": "user", "content": f"Ticket {i}: my invoice {i * 7} is wrong."},
+             {"role": "assistant", "content": "billing"}] for i in range(8)]
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps({"messages": r}) + "\n" for r in rows))
     (tmp_path / "config.yaml").write_text(f"""
 name: gate-cli
 base_model: {tiny_model_dir}
 data:
   path: data.jsonl
-  answer_schema: {EXAMPLE / 'schema.json'}
+  test_path: test.jsonl
 eval:
   max_new_tokens: {NEW_TOKENS}
   bootstrap_resamples: 200
+  metrics:
+    - {{name: regex, pattern: '\\A\\s*\\Z', gate: true}}
+    - {{name: rouge_l}}
 """)
     runner = CliRunner()
-    prepared = runner.invoke(app, ["data", "config.yaml"])
+
+    def cli(*args: str):
+        return runner.invoke(app, list(args))
+
+    prepared = cli("data", "config.yaml")
     assert prepared.exit_code == 0, prepared.output
     save_meta(adapter_artifact(tiny_adapter_dir), tmp_path / "runs" / "gate-cli" / "train")
+    return cli
 
-    result = runner.invoke(app, ["eval", "config.yaml", "--gate"])
+
+def test_cli_eval_gate_exits_3_naming_the_failing_metric(cli_project, tmp_path):
+    result = cli_project("eval", "config.yaml", "--gate")
 
     assert result.exit_code == 3, result.output
-    assert "gate FAILED" in result.output and "schema_valid:" in result.output
+    assert "gate FAILED" in result.output and "regex:" in result.output
+    report = json.loads((tmp_path / "runs" / "gate-cli" / "eval" / "meta.json").read_text())
+    assert report["baseline"]["regex"] == 1.0 and report["candidate"]["regex"] < 1.0
     assert (tmp_path / "runs" / "gate-cli" / "eval_report.html").is_file()
-    without_gate = runner.invoke(app, ["eval", "config.yaml"])
+    without_gate = cli_project("eval", "config.yaml")
     assert without_gate.exit_code == 0, without_gate.output  # only --gate turns the verdict into an exit code
+    refused = cli_project("registry", "register", "config.yaml")
+    assert refused.exit_code == 1 and "did not beat the baseline" in refused.output
+
+
+def test_reports_name_a_model_given_with_model_and_register_refuses_its_scores(cli_project, tiny_model_dir, tmp_path):
+    result = cli_project("eval", "config.yaml", "--model", str(tiny_model_dir))
+
+    assert result.exit_code == 0, result.output
+    assert f"baseline vs {tiny_model_dir}" in result.output
+    markdown = (tmp_path / "runs" / "gate-cli" / "eval_report.md").read_text()
+    assert f"baseline vs {tiny_model_dir} on 8 held-out test rows" in markdown
+    assert "fine-tuned" not in markdown
+    # The scores belong to the base model directory, not to the run's adapter: not registrable as it.
+    refused = cli_project("registry", "register", "config.yaml", "--set", "eval.enforce_gate=false")
+    assert refused.exit_code == 1, refused.output
+    assert f"scored {tiny_model_dir}" in refused.output and "without --model" in refused.output
+
+
+def test_baseline_only_with_gate_or_model_is_refused(cli_project):
+    for extra in (["--gate"], ["--model", "endpoint"]):
+        result = cli_project("eval", "config.yaml", "--baseline-only", *extra)
+        assert result.exit_code == 1
+        assert "--baseline-only scores no candidate" in result.output
+
+
+def test_model_directories_without_weights_or_for_another_base_are_clear_errors(tiny_model_dir, tmp_path):
+    import shutil
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tuneloop.errors import TuneloopError
+    from tuneloop.evaluate.generate import generate_answers, model_kind
+
+    empty = tmp_path / "no-weights"
+    empty.mkdir()
+    shutil.copy(tiny_model_dir / "config.json", empty / "config.json")
+    with pytest.raises(TuneloopError, match="model directory without weights"):
+        model_kind(empty)
+
+    # An adapter trained on a smaller model of the same family: its matrices do not fit the base.
+    torch.manual_seed(0)
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=8))
+    foreign = tmp_path / "foreign-adapter"
+    get_peft_model(other, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM")).save_pretrained(foreign)
+    with pytest.raises(TuneloopError, match="cannot load it on tiny"):
+        generate_answers(BaseModelRef("tiny", tiny_model_dir), foreign, [[{"role": "user", "content": "hi"}]], 2, 1, "x")
+
+
+def test_a_baseline_only_evaluation_leaves_no_earlier_candidate_behind(cli_project, tmp_path):
+    run = tmp_path / "runs" / "gate-cli"
+    assert cli_project("eval", "config.yaml").exit_code == 0
+    assert (run / "eval" / "candidate" / "scored.json").is_file() and (run / "eval_report.html").is_file()
+
+    result = cli_project("eval", "config.yaml", "--baseline-only")
+
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "eval" / "meta.json").read_text())["candidate"] is None
+    assert sorted(p.name for p in (run / "eval").iterdir() if p.is_dir()) == ["baseline"]
+    assert not any((run / name).exists() for name in ("eval_report.html", "eval_report.md", "report.md", "metrics.png"))

@@ -56,6 +56,26 @@ def test_rate_limits_and_server_errors_are_retried_with_back_off(openai_stub):
     assert time.perf_counter() - started > 0.7  # back-off: about 0.5 s, then about 1 s (less up to 25 % jitter)
 
 
+@pytest.mark.parametrize(
+    "reply, shown",
+    [
+        ("<html><body>Sign in</body></html>", "Sign in"),  # a login page answering with 200
+        ('{"object": "list", "data": []}', "list"),  # JSON, but not a chat completion
+    ],
+    ids=["html", "json-without-choices"],
+)
+def test_a_reply_that_is_not_a_chat_completion_is_an_error_not_an_empty_answer(openai_stub, reply, shown):
+    from fastapi.responses import Response
+
+    media = "text/html" if reply.startswith("<") else "application/json"
+    url, seen = openai_stub(lambda body, index: Response(reply, media_type=media))
+
+    with pytest.raises(TuneloopError, match="not a chat completion") as err:
+        generate_answers(Endpoint(url, "m", max_retries=0), [prompt("q")], 8, "candidate")
+    assert shown in str(err.value)
+    assert len(seen) == 1
+
+
 def test_a_timed_out_request_is_retried(openai_stub):
     url, seen = openai_stub(lambda body, index: time.sleep(1.5) or "late" if index == 0 else "in time")
     answers = generate_answers(Endpoint(url, "m", max_retries=1, timeout_s=0.5), [prompt("q")], 8, "candidate")

@@ -115,3 +115,14 @@ def test_free_text_metrics_get_intervals_and_gate_on_a_regex(tmp_path):
     assert report.candidate["label.accuracy"] == 1.0  # "the answer is 0" is the label "The answer is 0."
     assert report.baseline["label.accuracy"] == 0.0
     assert report.flips["regex"] == {"fixed": list(range(12)), "broken": []}
+
+
+def test_reports_show_html_in_answers_as_text(rows, tmp_path):
+    candidate = answers(rows)
+    candidate[0] = Generation('<img src="https://tracker.example/x.png"> & more', 12.0, 40, 30)
+
+    compare(EvalConfig(), dataset(tmp_path), rows, answers(rows), candidate, tmp_path)
+
+    for name in ("eval_report.md", "eval_report.html"):
+        text = (tmp_path / name).read_text()
+        assert "<img src=\"https://" not in text and "&lt;img src=" in text, name

@@ -189,3 +189,22 @@ def test_a_judge_with_position_bias_gives_ties_and_the_gate_fails(openai_stub, r
     assert report.gate_passed is False and report.gate_failures[0].startswith("pairwise: +0.0 pts vs the baseline")
     pairs = [_pair(s["body"]) for s in seen if "## Answer A" in s["body"]["messages"][-1]["content"]]
     assert len(pairs) == 32 and ("good 3", "bad 3") in pairs and ("bad 3", "good 3") in pairs  # both orders, blind
+
+
+def test_unchanged_answers_are_not_judged_again(openai_stub, rows, tmp_path):
+    url, seen = openai_stub(fair_judge)
+    cfg, judge = judged_config(url, gate="pairwise")
+    baseline = [Generation(f"bad {i}", 5.0, 3, 2) for i in range(16)]
+    candidate = [Generation("??? unreadable" if i == 0 else f"good {i}", 5.0, 3, 2) for i in range(16)]
+    first = compare(cfg, dataset(tmp_path), rows, baseline, candidate, tmp_path, judge=judge)
+    asked = len(seen)
+
+    again = compare(cfg, dataset(tmp_path), rows, baseline, candidate, tmp_path, judge=judge)
+
+    # Only the unreadable answer is asked about again: 1 score and 2 pairwise orders, each 1 + 1 retry.
+    assert len(seen) - asked == 6
+    assert again.candidate == first.candidate and again.baseline == first.baseline
+    candidate[5] = Generation("good, changed", 5.0, 3, 2)
+    compare(cfg, dataset(tmp_path), rows, baseline, candidate, tmp_path, judge=judge)
+    changed = [s["body"]["messages"][-1]["content"] for s in seen[asked + 6 :]]
+    assert sum("good, changed" in text for text in changed) == 3  # its score and both pairwise orders

@@ -187,6 +187,12 @@ def test_cli_gates_against_the_production_alias(project, tiny_model_dir, tiny_ad
         assert [r["answer"] for r in again["rows"]] == [r["answer"] for r in production["rows"]]
         assert load_meta(EvalReport, root / "runs" / "prod-gate" / "eval", "eval").opponents == {}
 
+    # A version trained on another base model is refused before anything is generated.
+    register(RegistryConfig(), "prod-gate", _adapter(tiny_adapter_dir, "other-base"), report, data, {})
+    foreign = runner.invoke(app, ["eval", "config.yaml", "--model", "prod-gate-v2"])
+    assert foreign.exit_code == 1
+    assert f"prod-gate version 2 was trained on other-base, not on {tiny_model_dir}" in foreign.output
+
 
 def test_cli_names_what_it_cannot_evaluate(project, tmp_path):
     root, runner, app = project
@@ -195,6 +201,8 @@ def test_cli_names_what_it_cannot_evaluate(project, tmp_path):
         ("no-such-thing", "--model no-such-thing: not a directory, a registered version"),
         (str(root / "empty"), "neither a PEFT adapter (adapter_config.json) nor a model directory"),
         ("endpoint", "--model endpoint needs eval.endpoint"),
+        ("registry:prod-gate/1", "nothing is registered here yet"),
     ]:
         result = runner.invoke(app, ["eval", "config.yaml", "--model", spec])
         assert result.exit_code == 1 and message in result.output, result.output
+    assert not (root / "mlruns").exists()  # looking a version up did not create an empty registry

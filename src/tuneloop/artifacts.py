@@ -100,6 +100,9 @@ class EvalReport:
     opponents: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
     opponent_ci: dict[str, dict[str, list[float]]] = dataclasses.field(default_factory=dict)
     opponent_difference: dict[str, dict[str, list[float]]] = dataclasses.field(default_factory=dict)
+    candidate_name: str = "fine-tuned"  # how the reports name the candidate
+    # What was scored: the resolved adapter or model directory, or "MODEL at BASE_URL" for an endpoint.
+    candidate_source: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -107,7 +107,7 @@ def _train(cfg, config: Path, overrides: list[str] | None, base, data, resume: b
     return _adapter(cfg)
 
 
-def _candidate(cfg, spec: str | None):
+def _candidate(cfg, base, spec: str | None):
     """What `--model` names: the configured endpoint, a registered version's adapter, or a directory."""
     import re
 
@@ -126,7 +126,7 @@ def _candidate(cfg, spec: str | None):
     if reference:
         from tuneloop.registry import version_dir
 
-        return version_dir(cfg.registry, reference[1], int(reference[2]))
+        return version_dir(cfg.registry, reference[1], int(reference[2]), base_model=base.name)
     if not path.is_dir():
         raise TuneloopError(
             f"--model {spec}: not a directory, a registered version (registry:NAME/N or NAME-vN) or `endpoint`"
@@ -142,7 +142,7 @@ def _production(cfg, base, candidate) -> Path | None:
     version = production_version(cfg.registry, cfg.model_name)
     if version is None or version.base_model != base.name:
         return None
-    path = version_dir(cfg.registry, version.name, version.version)
+    path = version_dir(cfg.registry, version.name, version.version, base_model=base.name)
     if isinstance(candidate, Path) and candidate.resolve() == path.resolve():
         return None
     console.print(f"opponent: {version.name} version {version.version} (alias production)")
@@ -247,13 +247,16 @@ def eval_(
     from tuneloop.evaluate import evaluate
     from tuneloop.evaluate.report import comparison_table, verdict
 
+    if baseline_only and (gate or model):
+        raise TuneloopError("--baseline-only scores no candidate: it cannot be combined with --gate or --model")
     cfg = _load(config, set)
     base = _base(cfg)
     adapter = None if baseline_only or model else _adapter(cfg)
-    target = None if baseline_only else _candidate(cfg, model)
+    target = None if baseline_only else _candidate(cfg, base, model)
     production = None if baseline_only else _production(cfg, base, target if target is not None else adapter.dir)
+    name = None if model is None else f"{cfg.eval.endpoint.model} (endpoint)" if model == "endpoint" else model
     report = evaluate(cfg.eval, _dataset(cfg), base, adapter, cfg.run_dir, model=target, production=production,
-                      judge=_judge(cfg))
+                      judge=_judge(cfg), candidate_name=name)
     console.print(comparison_table(report))
     console.print(verdict(report), highlight=False)
     if report.html_report is not None:
@@ -291,12 +294,18 @@ def registry_register(config: ConfigArg, set: SetOpt = None, debug: DebugOpt = F
 
     cfg = _load(config, set)
     report = load_meta(EvalReport, cfg.run_dir / "eval", "eval CONFIG")
+    adapter = _adapter(cfg)
     if report.candidate is None:
         raise TuneloopError(f"{cfg.run_dir / 'eval'}: no fine-tune was evaluated; run `tuneloop eval CONFIG` first")
+    if report.candidate_source != str(adapter.dir.resolve()):
+        raise TuneloopError(
+            f"{cfg.run_dir / 'eval'}: the last evaluation scored {report.candidate_name} ({report.candidate_source}), "
+            f"not this run's adapter {adapter.dir}; run `tuneloop eval CONFIG` without --model first"
+        )
     if report.gate_passed is False and cfg.eval.enforce_gate:
         failures = "; ".join(report.gate_failures)
         raise TuneloopError(f"not registered: the fine-tune did not beat the baseline ({failures})")
-    version = register(cfg.registry, cfg.model_name, _adapter(cfg), report, _dataset(cfg), cfg.model_dump(mode="json"))
+    version = register(cfg.registry, cfg.model_name, adapter, report, _dataset(cfg), cfg.model_dump(mode="json"))
     console.print(f"registered [bold]{version.name}[/] version {version.version}")
 
 

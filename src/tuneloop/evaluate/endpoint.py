@@ -60,9 +60,16 @@ def chat(openai_client, endpoint: Endpoint, messages: list[dict[str, str]], max_
             f"endpoint {endpoint.base_url} (model {endpoint.model!r}): {type(err).__name__}: {str(err)[:300]}"
         ) from None
     latency_ms = (time.perf_counter() - started) * 1000
+    choices = getattr(reply, "choices", None)  # a non-JSON 200 reply comes back as a plain string
+    if not choices or getattr(choices[0], "message", None) is None:
+        shown = reply if isinstance(reply, str) else getattr(reply, "model_dump_json", lambda: repr(reply))()
+        raise TuneloopError(
+            f"endpoint {endpoint.base_url} (model {endpoint.model!r}): not a chat completion "
+            f"(no choices[0].message): {str(shown)[:200]!r}"
+        )
     usage = reply.usage
     return Generation(
-        text=(reply.choices[0].message.content or "") if reply.choices else "",
+        text=choices[0].message.content or "",
         latency_ms=latency_ms,
         prompt_tokens=usage.prompt_tokens if usage else 0,
         completion_tokens=usage.completion_tokens if usage else 0,

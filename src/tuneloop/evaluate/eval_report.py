@@ -44,7 +44,7 @@ def _sections(sides: dict[str, dict], report: EvalReport, chart: Path) -> list[S
     lines = verdict(report).splitlines()
     sections = [
         Section(
-            f"Evaluation: baseline vs fine-tuned on {report.rows} held-out test rows",
+            f"Evaluation: baseline vs {report.candidate_name} on {report.rows} held-out test rows",
             [lines[0], *lines[1:], "Baseline: the base model with the same system prompt. Intervals: paired "
              "bootstrap, 95 %. Gate: the whole interval of the difference must lie above zero."],
         ),
@@ -54,7 +54,7 @@ def _sections(sides: dict[str, dict], report: EvalReport, chart: Path) -> list[S
     ]
     for prefix, base_cls in sides["baseline"].get("classification", {}).items():
         cand_cls = sides["candidate"]["classification"][prefix]
-        for side, cls in (("baseline", base_cls), ("fine-tuned", cand_cls)):
+        for side, cls in (("baseline", base_cls), (report.candidate_name, cand_cls)):
             sections += _classification_sections(prefix, side, cls)
     sections.append(_flip_section(report))
     sections.append(_side_by_side(sides, report))
@@ -137,8 +137,9 @@ def _side_by_side(sides: dict[str, dict], report: EvalReport) -> Section:
                            for m in report.gate_metrics if m in base["grades"] or m in cand["grades"])
         others = [sides[name]["rows"][i]["answer"] for name in report.opponents]
         rows.append([str(i + 1), flips, scores or "-", base["reference"], base["answer"], *others, cand["answer"]])
-    return Section("Every test row, baseline and fine-tuned side by side (flips first)",
-                   header=["row", "flips", "gate metric b→c", "reference", "baseline", *report.opponents, "fine-tuned"],
+    return Section(f"Every test row, baseline and {report.candidate_name} side by side (flips first)",
+                   header=["row", "flips", "gate metric b→c", "reference", "baseline", *report.opponents,
+                           report.candidate_name],
                    rows=rows, answers=True)
 
 
@@ -169,7 +170,8 @@ def _markdown(sections: list[Section]) -> str:
 
 
 def _md_row(cells: list[str]) -> str:
-    return "| " + " | ".join(c.replace("|", "\\|").replace("\n", "<br>") for c in cells) + " |"
+    # Escaped, so that an answer holding HTML (an <img src=...>, say) shows as text and loads nothing.
+    return "| " + " | ".join(html.escape(c, quote=False).replace("|", "\\|").replace("\n", "<br>") for c in cells) + " |"
 
 
 def _html(sections: list[Section]) -> str:

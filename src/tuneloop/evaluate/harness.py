@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 from statistics import mean
 from typing import Callable
@@ -17,6 +18,7 @@ from tuneloop.evaluate.endpoint import Endpoint
 from tuneloop.evaluate.eval_report import write_eval_report
 from tuneloop.evaluate.gate import decide
 from tuneloop.evaluate.generate import Generation, generate_answers, model_kind
+from tuneloop.evaluate.graders import embedding_model_dir
 from tuneloop.evaluate.judge import Judge, compare_answers, normalised, score_answers
 from tuneloop.evaluate.report import write_report
 from tuneloop.evaluate.shots import draw_shots, with_shots
@@ -24,6 +26,7 @@ from tuneloop.evaluate.stats import bootstrap, flips
 
 
 Model = Path | Endpoint  # an adapter or full model directory, or an OpenAI-compatible endpoint
+REPORT_FILES = ("report.md", "metrics.png", "eval_report.md", "eval_report.html")  # written with a candidate
 
 
 def evaluate(
@@ -35,17 +38,21 @@ def evaluate(
     model: Model | None = None,
     production: Path | None = None,
     judge: Judge | None = None,
+    candidate_name: str | None = None,
 ) -> EvalReport:
     """Score the base model (the baseline, same system prompt; with `baseline_shots`, also a few-shot
     baseline) and, when given, a candidate on the test split: `model` (an adapter or full model directory,
     or an endpoint), else the run's `adapter`. With a candidate, the production version's adapter
-    (`production`) joins the baselines as an opponent; the gate is decided and the reports written.
+    (`production`) joins the baselines as an opponent; the gate is decided and the reports written, naming
+    the candidate `candidate_name` (default: "fine-tuned" for the run's adapter, else what `model` is).
     Baseline answers are reused while the base model, test rows and generation settings are unchanged."""
     out = run_dir / "eval"
     target = model if model is not None else (adapter.dir if adapter is not None else None)
     for directory in (target, production):
         if isinstance(directory, Path):
             model_kind(directory)  # fail before any generation
+    if any(m.name == "embedding_similarity" for m in cfg.metrics):
+        embedding_model_dir()  # likewise
     rows = _read_rows(data.test, cfg.max_rows)
     prompts = _prompts(rows)
     fingerprint = {
@@ -63,7 +70,13 @@ def evaluate(
             candidate = endpoint.generate_answers(target, prompts, cfg.max_new_tokens, "candidate")
         else:
             candidate = _local(cfg, base, target, "candidate")(prompts)
-    return compare(cfg, data, rows, baseline, candidate, run_dir, adapter if model is None else None, opponents, judge)
+    if isinstance(target, Endpoint):
+        source, default_name = f"{target.model} at {target.base_url}", f"{target.model} (endpoint)"
+    else:
+        source = None if target is None else str(target.resolve())
+        default_name = "fine-tuned" if model is None or target is None else target.name
+    return compare(cfg, data, rows, baseline, candidate, run_dir, adapter if model is None else None, opponents, judge,
+                   candidate_name or default_name, source)
 
 
 def _local(cfg: EvalConfig, base: BaseModelRef, model_dir: Path | None, label: str) -> Callable[[list], list[Generation]]:
@@ -95,10 +108,15 @@ def compare(
     adapter: Adapter | None = None,
     opponents: dict[str, list[Generation]] | None = None,
     judge: Judge | None = None,
+    candidate_name: str = "fine-tuned",
+    candidate_source: str | None = None,
 ) -> EvalReport:
-    """Grade the answers of the baseline, the further `opponents` (name -> answers) and the candidate,
-    bootstrap the intervals, decide the gate against every opponent, write the reports."""
+    """Grade the answers of the baseline, the further `opponents` (name -> answers) and the candidate
+    (`candidate_name` in the reports, scored from `candidate_source`), bootstrap the intervals, decide the
+    gate against every opponent, write the reports."""
     out = run_dir / "eval"
+    if judge is not None and judge.memo_path is None:
+        judge = dataclasses.replace(judge, memo_path=out / "judgments.json")
     schema = json.loads(data.answer_schema.read_text(encoding="utf-8")) if data.answer_schema else None
     specs = cfg.metrics or metric_set.default_metrics(schema)
     gated = metric_set.gate_keys(specs, schema)
@@ -138,13 +156,27 @@ def compare(
         opponents={side: sides[side]["metrics"] for side in others[1:]},
         opponent_ci={side: intervals[side][0] for side in others[1:]},
         opponent_difference={side: differences[side] for side in others[1:] if side in differences},
+        candidate_name=candidate_name,
+        candidate_source=candidate_source,
     )
+    _remove_stale(out, run_dir, [_slug(side) for side in sides])
     if candidate is not None:
         summary = write_report(run_dir, rows, sides, report, adapter)
         full = write_eval_report(run_dir, sides, report)
         report = dataclasses.replace(report, report=summary, html_report=full)
     save_meta(report, out)
     return report
+
+
+def _remove_stale(out: Path, run_dir: Path, current: list[str]) -> None:
+    """Sides and reports an earlier evaluation wrote that this one does not (a candidate, production, a
+    few-shot baseline), so that nothing on disk contradicts the new meta.json."""
+    for directory in out.iterdir():
+        if directory.is_dir() and directory.name not in current:
+            shutil.rmtree(directory)
+    if "candidate" not in current:
+        for name in REPORT_FILES:
+            (run_dir / name).unlink(missing_ok=True)
 
 
 def _grade_sides(specs: list, rows: list[dict], answers: dict[str, list[Generation]], schema: dict | None,

@@ -6,9 +6,12 @@ times and then counted as unparsed, never dropped silently."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from tuneloop.config import JudgeConfig
@@ -34,6 +37,8 @@ class Judge:
     rubric: str
     parse_retries: int = 2
     max_tokens: int = 256
+    # Readable judgments are kept here by what was asked, so an unchanged question is not paid for twice.
+    memo_path: Path | None = None
 
     @classmethod
     def from_config(cls, cfg: JudgeConfig, api_key: str | None) -> Judge:
@@ -100,9 +105,10 @@ def score_answers(judge: Judge, prompts: list[list[dict]], references: list[str]
 
     def one(i: int) -> int | None:
         messages = _score_messages(judge.rubric, prompts[i], references[i], answers[i])
-        return _ask(openai_client, judge, messages, parse_score)
+        return _ask(openai_client, judge, messages, parse_score, memo)
 
-    return in_parallel(one, list(range(len(answers))), judge.endpoint.concurrency)
+    with _Memo(judge.memo_path) as memo:
+        return in_parallel(one, list(range(len(answers))), judge.endpoint.concurrency)
 
 
 def compare_answers(
@@ -115,19 +121,50 @@ def compare_answers(
     def one(job: tuple[int, bool]) -> Verdict | None:
         i, candidate_first = job
         a, b = (candidate[i], opponent[i]) if candidate_first else (opponent[i], candidate[i])
-        return _ask(openai_client, judge, _pairwise_messages(prompts[i], references[i], a, b), parse_verdict)
+        return _ask(openai_client, judge, _pairwise_messages(prompts[i], references[i], a, b), parse_verdict, memo)
 
     jobs = [(i, first) for i in range(len(candidate)) for first in (True, False)]
-    verdicts = in_parallel(one, jobs, judge.endpoint.concurrency)
+    with _Memo(judge.memo_path) as memo:
+        verdicts = in_parallel(one, jobs, judge.endpoint.concurrency)
     return [pairwise_outcome(verdicts[2 * i], verdicts[2 * i + 1]) for i in range(len(candidate))]
 
 
-def _ask(openai_client, judge: Judge, messages: list[dict], parse):
+def _ask(openai_client, judge: Judge, messages: list[dict], parse, memo: _Memo):
+    key = json.dumps([judge.endpoint.base_url, judge.endpoint.model, judge.max_tokens, messages], sort_keys=True)
+    key = hashlib.sha256(key.encode()).hexdigest()
+    if (known := memo.get(key)) is not None:
+        return known
     for _ in range(judge.parse_retries + 1):
         parsed = parse(chat(openai_client, judge.endpoint, messages, judge.max_tokens).text)
         if parsed is not None:
+            memo.put(key, parsed)
             return parsed
-    return None
+    return None  # not remembered: asked again next time
+
+
+class _Memo:
+    """Parsed judgments by question digest, read from and written back to a JSON file (none: in memory)."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.known = json.loads(path.read_text(encoding="utf-8")) if path is not None and path.is_file() else {}
+        self.lock = threading.Lock()
+
+    def get(self, key: str):
+        with self.lock:
+            return self.known.get(key)
+
+    def put(self, key: str, value) -> None:
+        with self.lock:
+            self.known[key] = value
+
+    def __enter__(self) -> _Memo:
+        return self
+
+    def __exit__(self, *exc) -> None:  # also after a failed request: what was judged stays paid for
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(self.known), encoding="utf-8")
 
 
 def _conversation(prompt: list[dict]) -> str:

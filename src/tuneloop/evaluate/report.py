@@ -60,11 +60,11 @@ def ordered(names: list[str] | dict) -> list[str]:
 def metric_header(report: EvalReport) -> list[str]:
     """Column names of `metric_rows`: two more columns for each further opponent."""
     extra = [column for name in report.opponents for column in (name, f"Δ vs {name} [95 % CI]")]
-    return ["metric", "baseline", "fine-tuned", "Δ", "95 % CI of Δ", *extra, "gate"]
+    return ["metric", "baseline", report.candidate_name, "Δ", "95 % CI of Δ", *extra, "gate"]
 
 
 def metric_rows(report: EvalReport) -> list[tuple[str, ...]]:
-    """(metric, baseline, fine-tuned, difference, 95 % CI of the difference, [each further opponent and the
+    """(metric, baseline, candidate, difference, 95 % CI of the difference, [each further opponent and the
     difference to it], gate) per metric."""
     rows = []
     for name in ordered(report.baseline):
@@ -104,12 +104,12 @@ def verdict(report: EvalReport) -> str:
     if report.gate_passed:
         gains = ", ".join(f"{m} {_fmt_delta(m, 0.0, report.difference[m][0])}" for m in report.gate_metrics)
         opponents = " and ".join(["the baseline", *(f"the {name}" for name in report.opponents)])
-        return f"gate passed: the fine-tune beats {opponents} with 95 % confidence on {gains}"
+        return f"gate passed: {report.candidate_name} beats {opponents} with 95 % confidence on {gains}"
     return "gate FAILED, not promoted:\n" + "\n".join(f"  - {f}" for f in report.gate_failures)
 
 
 def comparison_table(report: EvalReport) -> Table:
-    table = Table(title=f"baseline vs fine-tuned on {report.rows} held-out test rows")
+    table = Table(title=f"baseline vs {report.candidate_name} on {report.rows} held-out test rows")
     header = metric_header(report)
     for i, column in enumerate(header):
         table.add_column("" if column == "gate" else column, justify="left" if i in (0, len(header) - 1) else "right")
@@ -139,7 +139,7 @@ def write_report(
         "| --- | " + "---: | " * (len(metric_header(report)) - 2) + "--- |",
         *[f"| {' | '.join(r).strip()} |" for r in metric_rows(report)],
         "",
-        "![baseline vs fine-tuned](metrics.png)",
+        f"![baseline vs {report.candidate_name}](metrics.png)",
         "",
         "Every test row side by side, confusion matrices and flips: `eval_report.html` / `eval_report.md`.",
         "",
@@ -164,7 +164,7 @@ def write_report(
             "",
             f"- reference: `{_one_line(base_row['reference'])}`",
             f"- baseline: `{_one_line(base_row['answer'])}`",
-            f"- fine-tuned: `{_one_line(cand_row['answer'])}`",
+            f"- {report.candidate_name}: `{_one_line(cand_row['answer'])}`",
             "",
         ]
     path = run_dir / "report.md"
@@ -180,21 +180,27 @@ def _plot_metrics(report: EvalReport, path: Path) -> None:
 
     candidate = report.candidate or {}
     names = [m for m in ordered(report.baseline) if m != "latency_ms" and m in candidate]
+    sides = [
+        ("baseline", report.baseline, report.baseline_ci),
+        *((name, values, report.opponent_ci.get(name, {})) for name, values in report.opponents.items()),
+        (report.candidate_name, candidate, report.candidate_ci or {}),
+    ]
+    palette = ["#dd8452", "#55a868", "#8172b3", "#c44e52"]
+    colors = ["#999999", *(palette[k % len(palette)] for k in range(len(sides) - 2)), "#4c72b0"]
+    width = 0.8 / len(sides)
     x = range(len(names))
-    fig, ax = plt.subplots(figsize=(max(6, len(names) * 0.9), 4.5), dpi=100)
-    for offset, side, values, ci, color in (
-        (-0.2, "baseline", report.baseline, report.baseline_ci, "#999999"),
-        (0.2, "fine-tuned", candidate, report.candidate_ci or {}, "#4c72b0"),
-    ):
-        heights = [_finite(values[m]) * 100 for m in names]
+    fig, ax = plt.subplots(figsize=(max(6, len(names) * 0.45 * len(sides)), 4.5), dpi=100)
+    for k, ((side, values, ci), color) in enumerate(zip(sides, colors)):
+        offset = (k - (len(sides) - 1) / 2) * width
+        heights = [_finite(values.get(m, math.nan)) * 100 for m in names]
         errors = [[max(h - _finite(ci.get(m, [v, v])[0]) * 100, 0), max(_finite(ci.get(m, [v, v])[1]) * 100 - h, 0)]
-                  for m, h, v in zip(names, heights, (values[n] for n in names))]
-        ax.bar([i + offset for i in x], heights, width=0.4, label=side, color=color,
+                  for m, h, v in zip(names, heights, (values.get(n, math.nan) for n in names))]
+        ax.bar([i + offset for i in x], heights, width=width, label=side, color=color,
                yerr=list(zip(*errors)) if errors else None, capsize=3, error_kw={"elinewidth": 1})
     ax.set_xticks(list(x), [label(m).strip() for m in names], rotation=30, ha="right")
     ax.set_ylabel("% (whiskers: 95 % bootstrap CI)")
     ax.set_ylim(0, 105)
-    ax.set_title("Baseline vs fine-tuned on held-out test rows")
+    ax.set_title(f"{report.rows} held-out test rows: {', '.join(side for side, _, _ in sides)}")
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()

@@ -139,7 +139,7 @@ def production_version(cfg: RegistryConfig, name: str) -> ModelVersion | None:
     """The version of model `name` that carries the `production` alias, or None (no such model or alias)."""
     from mlflow.exceptions import MlflowException
 
-    if not cfg.tracking_uri and not Path(default_tracking_uri().removeprefix("sqlite:///")).is_file():
+    if not _exists(cfg):
         return None  # nothing registered here yet; do not create an empty registry
     client = _client(cfg)
     try:
@@ -148,17 +148,32 @@ def production_version(cfg: RegistryConfig, name: str) -> ModelVersion | None:
         return None
 
 
-def version_dir(cfg: RegistryConfig, name: str, number: int) -> Path:
-    """The local adapter directory of version `number` of model `name`."""
+def version_dir(cfg: RegistryConfig, name: str, number: int, base_model: str | None = None) -> Path:
+    """The local adapter directory of version `number` of model `name`; with `base_model`, the version must
+    have been trained on it."""
     from mlflow.artifacts import download_artifacts
     from mlflow.exceptions import MlflowException
 
+    if not _exists(cfg):
+        raise TuneloopError(f"registry {default_tracking_uri()}: nothing is registered here yet")
     client = _client(cfg)
     try:
-        version = client.get_model_version(name, str(number))
+        version = _to_artifact(client.get_model_version(name, str(number)))
     except MlflowException:
         raise TuneloopError(f"registry: model {name!r} has no version {number}") from None
-    return Path(download_artifacts(artifact_uri=version.source))
+    if base_model is not None and version.base_model != base_model:
+        raise TuneloopError(
+            f"registry: {name} version {number} was trained on {version.base_model}, not on {base_model}"
+        )
+    try:
+        return Path(download_artifacts(artifact_uri=version.source))
+    except (MlflowException, OSError) as err:
+        raise TuneloopError(f"registry: {name} version {number}: cannot fetch {version.source} ({err})") from None
+
+
+def _exists(cfg: RegistryConfig) -> bool:
+    """False only for the local default registry before anything was written to it."""
+    return bool(cfg.tracking_uri) or Path(default_tracking_uri().removeprefix("sqlite:///")).is_file()
 
 
 def _client(cfg: RegistryConfig):
