@@ -243,3 +243,15 @@ def test_other_formats_go_end_to_end(fmt, tiny_model_dir, tmp_path):
     train_row = json.loads((tmp_path / "runs/triage-e2e/data/train.jsonl").read_text().splitlines()[0])
     assert [m["role"] for m in train_row["messages"]] == ["system", "user", "assistant"]
     assert "registered triage-e2e version 1" in result.stdout
+
+
+def test_run_refuses_a_version_that_does_not_beat_the_baseline(tiny_model_dir, tmp_path):
+    config = str(write_config(tmp_path, tiny_model_dir, rows=40))
+
+    result = tuneloop("run", config, cwd=tmp_path)  # random tiny weights: 0 % schema compliance either way
+
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert "gate FAILED, not promoted" in result.stdout and "schema_valid: +0.0 pts vs the baseline" in result.stdout
+    assert "registered" not in result.stdout
+    listed = tuneloop("registry", "list", config, cwd=tmp_path)
+    assert listed.returncode == 0 and "no registered versions yet" in listed.stdout
