@@ -10,6 +10,7 @@ import pytest
 from fastapi import Request  # module level: the stub's route annotations are resolved here
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TICKETS = Path(__file__).resolve().parents[1] / "examples" / "ticket-triage" / "data.jsonl"
 
 
 @pytest.fixture(scope="session")
@@ -57,6 +58,33 @@ def tiny_adapter_dir(tiny_model_dir, tmp_path_factory) -> Path:
     peft_model.save_pretrained(target)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(target)
     return target
+
+
+@pytest.fixture
+def prepared_project(tmp_path, monkeypatch):
+    """`prepare(config_yaml)`: tmp_path becomes the working directory, with the first 40 ticket-triage rows
+    as data.jsonl and `config_yaml` as config.yaml, prepared by `tuneloop data`; returns `cli(*args)`,
+    which runs the CLI there."""
+    from typer.testing import CliRunner
+
+    from tuneloop.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("COLUMNS", "250")
+    runner = CliRunner()
+
+    def cli(*args: str):
+        return runner.invoke(app, list(args))
+
+    def prepare(config_yaml: str):
+        (tmp_path / "data.jsonl").write_text("\n".join(TICKETS.read_text().splitlines()[:40]) + "\n")
+        (tmp_path / "config.yaml").write_text(config_yaml)
+        prepared = cli("data", "config.yaml")
+        assert prepared.exit_code == 0, prepared.output
+        return cli
+
+    return prepare
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import pytest
 from tuneloop.artifacts import Adapter, BaseModelRef, Dataset, save_meta
 from tuneloop.config import EvalConfig, MetricConfig
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ticket-triage"
 NEW_TOKENS = 6
 
 
@@ -50,23 +49,14 @@ def test_evaluate_refuses_an_adapter_worse_than_the_base(tiny_model_dir, tiny_ad
 
 
 @pytest.fixture
-def cli_project(tiny_model_dir, tiny_adapter_dir, tmp_path, monkeypatch):
+def cli_project(prepared_project, tiny_model_dir, tiny_adapter_dir, tmp_path):
     """A prepared run with the random adapter as its trained adapter; returns a function running the CLI
     there. The gate metric is a regex asking for a blank answer: the tiny random base model answers every
     held-out row with newlines only, so the baseline scores 100 % and the adapter can only lose."""
-    from typer.testing import CliRunner
-
-    from tuneloop.cli import app
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("COLUMNS", "200")
-    lines = (EXAMPLE / "data.jsonl").read_text().splitlines()[:40]
-    (tmp_path / "data.jsonl").write_text("\n".join(lines) + "\n")
     rows = [[{"role": "user", "content": f"Ticket {i}: my invoice {i * 7} is wrong."},
              {"role": "assistant", "content": "billing"}] for i in range(8)]
     (tmp_path / "test.jsonl").write_text("".join(json.dumps({"messages": r}) + "\n" for r in rows))
-    (tmp_path / "config.yaml").write_text(f"""
+    cli = prepared_project(f"""
 name: gate-cli
 base_model: {tiny_model_dir}
 data:
@@ -79,13 +69,6 @@ eval:
     - {{name: regex, pattern: '\\A\\s*\\Z', gate: true}}
     - {{name: rouge_l}}
 """)
-    runner = CliRunner()
-
-    def cli(*args: str):
-        return runner.invoke(app, list(args))
-
-    prepared = cli("data", "config.yaml")
-    assert prepared.exit_code == 0, prepared.output
     save_meta(adapter_artifact(tiny_adapter_dir), tmp_path / "runs" / "gate-cli" / "train")
     return cli
 

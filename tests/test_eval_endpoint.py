@@ -99,21 +99,14 @@ def test_a_lost_connection_is_retried_then_reported():
         generate_answers(Endpoint(f"http://127.0.0.1:{port}/v1", "m", max_retries=1), [prompt("q")], 8, "candidate")
 
 
-def test_cli_evaluates_tuneloop_serve_as_an_endpoint(tiny_model_dir, serve_app, tmp_path, monkeypatch):
-    from typer.testing import CliRunner
-
+def test_cli_evaluates_tuneloop_serve_as_an_endpoint(tiny_model_dir, serve_app, prepared_project, tmp_path, monkeypatch):
     from tuneloop.artifacts import BaseModelRef
-    from tuneloop.cli import app
     from tuneloop.serve.app import create_app
     from tuneloop.serve.engine import Engine
 
     url = serve_app(create_app(Engine(BaseModelRef("tiny-served", tiny_model_dir), {})))
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("COLUMNS", "200")
     monkeypatch.setenv("TUNELOOP_TEST_KEY", "unused-by-serve")
-    (tmp_path / "data.jsonl").write_text("\n".join((EXAMPLE / "data.jsonl").read_text().splitlines()[:40]) + "\n")
-    (tmp_path / "config.yaml").write_text(f"""
+    cli = prepared_project(f"""
 name: endpoint-cli
 base_model: {tiny_model_dir}
 data:
@@ -129,10 +122,8 @@ eval:
     api_key_env: TUNELOOP_TEST_KEY
     concurrency: 2
 """)
-    runner = CliRunner()
-    assert runner.invoke(app, ["data", "config.yaml"]).exit_code == 0
 
-    result = runner.invoke(app, ["eval", "config.yaml", "--model", "endpoint", "--gate"])
+    result = cli("eval", "config.yaml", "--model", "endpoint", "--gate")
 
     assert result.exit_code == 3, result.output  # the same model as the baseline cannot beat it
     assert "schema compliance" in result.output and "gate FAILED" in result.output
@@ -145,15 +136,9 @@ eval:
     assert [r["answer"] for r in served] == [r["answer"] for r in local]
 
 
-def test_cli_says_which_api_key_variable_is_missing(tiny_model_dir, tmp_path, monkeypatch):
-    from typer.testing import CliRunner
-
-    from tuneloop.cli import app
-
-    monkeypatch.chdir(tmp_path)
+def test_cli_says_which_api_key_variable_is_missing(tiny_model_dir, prepared_project, monkeypatch):
     monkeypatch.delenv("TUNELOOP_NO_SUCH_KEY", raising=False)
-    (tmp_path / "data.jsonl").write_text("\n".join((EXAMPLE / "data.jsonl").read_text().splitlines()[:40]) + "\n")
-    (tmp_path / "config.yaml").write_text(f"""
+    cli = prepared_project(f"""
 name: endpoint-key
 base_model: {tiny_model_dir}
 data:
@@ -161,8 +146,6 @@ data:
 eval:
   endpoint: {{base_url: "http://127.0.0.1:9/v1", model: m, api_key_env: TUNELOOP_NO_SUCH_KEY}}
 """)
-    runner = CliRunner()
-    assert runner.invoke(app, ["data", "config.yaml"]).exit_code == 0
-    result = runner.invoke(app, ["eval", "config.yaml", "--model", "endpoint"])
+    result = cli("eval", "config.yaml", "--model", "endpoint")
     assert result.exit_code == 1
     assert "environment variable TUNELOOP_NO_SUCH_KEY (the API key) is not set" in result.output

@@ -123,16 +123,8 @@ def _adapter(adapter_dir: Path, base_model: str) -> Adapter:
 
 
 @pytest.fixture
-def project(tiny_model_dir, tmp_path, monkeypatch):
-    from typer.testing import CliRunner
-
-    from tuneloop.cli import app
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("COLUMNS", "250")
-    (tmp_path / "data.jsonl").write_text("\n".join((EXAMPLE / "data.jsonl").read_text().splitlines()[:40]) + "\n")
-    (tmp_path / "config.yaml").write_text(f"""
+def project(prepared_project, tiny_model_dir, tmp_path):
+    return tmp_path, prepared_project(f"""
 name: prod-gate
 base_model: {tiny_model_dir}
 data:
@@ -142,9 +134,6 @@ eval:
   max_new_tokens: 4
   bootstrap_resamples: 200
 """)
-    runner = CliRunner()
-    assert runner.invoke(app, ["data", "config.yaml"]).exit_code == 0
-    return tmp_path, runner, app
 
 
 def test_cli_gates_against_the_production_alias(project, tiny_model_dir, tiny_adapter_dir):
@@ -153,18 +142,18 @@ def test_cli_gates_against_the_production_alias(project, tiny_model_dir, tiny_ad
     from tuneloop.config import RegistryConfig
     from tuneloop.registry import register
 
-    root, runner, app = project
+    root, cli = project
     data = load_meta(Dataset, root / "runs" / "prod-gate" / "data", "data")
     report = EvalReport(dir=root, rows=0, baseline={}, candidate={})
     register(RegistryConfig(), "prod-gate", _adapter(tiny_adapter_dir, str(tiny_model_dir)), report, data, {})
-    without_alias = runner.invoke(app, ["eval", "config.yaml", "--model", str(tiny_model_dir)])
+    without_alias = cli("eval", "config.yaml", "--model", str(tiny_model_dir))
     assert without_alias.exit_code == 0, without_alias.output
     assert load_meta(EvalReport, root / "runs" / "prod-gate" / "eval", "eval").opponents == {}
 
     MlflowClient(tracking_uri=f"sqlite:///{root / 'mlruns' / 'mlflow.db'}").set_registered_model_alias(
         "prod-gate", "production", "1")
     # The candidate: a full model directory (here the base model itself), against the baseline and production.
-    result = runner.invoke(app, ["eval", "config.yaml", "--model", str(tiny_model_dir), "--gate"])
+    result = cli("eval", "config.yaml", "--model", str(tiny_model_dir), "--gate")
 
     assert result.exit_code == 3, result.output
     assert "opponent: prod-gate version 1 (alias production)" in result.output
@@ -181,7 +170,7 @@ def test_cli_gates_against_the_production_alias(project, tiny_model_dir, tiny_ad
 
     # A registered version as the candidate, by either name; being production itself, it meets no production.
     for name in ("registry:prod-gate/1", "prod-gate-v1"):
-        by_name = runner.invoke(app, ["eval", "config.yaml", "--model", name])
+        by_name = cli("eval", "config.yaml", "--model", name)
         assert by_name.exit_code == 0, by_name.output
         again = json.loads((root / "runs" / "prod-gate" / "eval" / "candidate" / "scored.json").read_text())
         assert [r["answer"] for r in again["rows"]] == [r["answer"] for r in production["rows"]]
@@ -189,13 +178,13 @@ def test_cli_gates_against_the_production_alias(project, tiny_model_dir, tiny_ad
 
     # A version trained on another base model is refused before anything is generated.
     register(RegistryConfig(), "prod-gate", _adapter(tiny_adapter_dir, "other-base"), report, data, {})
-    foreign = runner.invoke(app, ["eval", "config.yaml", "--model", "prod-gate-v2"])
+    foreign = cli("eval", "config.yaml", "--model", "prod-gate-v2")
     assert foreign.exit_code == 1
     assert f"prod-gate version 2 was trained on other-base, not on {tiny_model_dir}" in foreign.output
 
 
 def test_cli_names_what_it_cannot_evaluate(project, tmp_path):
-    root, runner, app = project
+    root, cli = project
     (root / "empty").mkdir()
     for spec, message in [
         ("no-such-thing", "--model no-such-thing: not a directory, a registered version"),
@@ -203,6 +192,6 @@ def test_cli_names_what_it_cannot_evaluate(project, tmp_path):
         ("endpoint", "--model endpoint needs eval.endpoint"),
         ("registry:prod-gate/1", "nothing is registered here yet"),
     ]:
-        result = runner.invoke(app, ["eval", "config.yaml", "--model", spec])
+        result = cli("eval", "config.yaml", "--model", spec)
         assert result.exit_code == 1 and message in result.output, result.output
     assert not (root / "mlruns").exists()  # looking a version up did not create an empty registry
