@@ -61,3 +61,24 @@ def test_bad_override_is_reported(tmp_path):
 def test_missing_config_file(tmp_path):
     with pytest.raises(TuneloopError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_every_problem_is_reported_at_once_with_its_suggestion(tmp_path):
+    text = MINIMAL + "trian:\n  epochs: 1\neval:\n  max_new_token: 8\n  batch_size: many\n"
+    with pytest.raises(TuneloopError) as caught:
+        load_config(write(tmp_path, text))
+    header, *lines = str(caught.value).splitlines()
+    assert header == f"{tmp_path / 'config.yaml'}: 3 problems"
+    assert len(lines) == 3
+    assert any("unknown key 'trian'; did you mean 'train'?" in line for line in lines)
+    assert any("unknown key 'eval.max_new_token'; did you mean 'eval.max_new_tokens'?" in line for line in lines)
+    assert any(line.strip().startswith("eval.batch_size: Input should be a valid integer") for line in lines)
+
+
+def test_a_union_value_of_the_wrong_type_is_one_problem(tmp_path):
+    with pytest.raises(TuneloopError) as caught:
+        load_config(write(tmp_path, MINIMAL + "train:\n  target_modules: 5\n"))
+    assert len(str(caught.value).splitlines()) == 1
+    assert "train.target_modules: Input should be a valid string or Input should be a valid list (got 5)" in str(
+        caught.value
+    )

@@ -101,10 +101,11 @@ def test_a_lost_connection_is_retried_then_reported():
 
 def test_cli_evaluates_tuneloop_serve_as_an_endpoint(tiny_model_dir, serve_app, prepared_project, tmp_path, monkeypatch):
     from tuneloop.artifacts import BaseModelRef
+    from tuneloop.config import ServeConfig
+    from tuneloop.serve import build_engine
     from tuneloop.serve.app import create_app
-    from tuneloop.serve.engine import Engine
 
-    url = serve_app(create_app(Engine(BaseModelRef("tiny-served", tiny_model_dir), {})))
+    url = serve_app(create_app(build_engine(ServeConfig(), BaseModelRef("tiny-served", tiny_model_dir), {})))
     monkeypatch.setenv("TUNELOOP_TEST_KEY", "unused-by-serve")
     cli = prepared_project(f"""
 name: endpoint-cli

@@ -137,10 +137,26 @@ def test_full_fine_tuning_writes_a_model_that_evaluation_and_serving_load(tiny_m
     answers = generate_answers(BaseModelRef("tiny", tiny_model_dir), model_dir, [[{"role": "user", "content": "hi"}]], 4, 1, "full")
     assert answers[0].completion_tokens > 0
 
-    from tuneloop.serve.engine import Engine, Sampling
+    import asyncio
 
-    engine = Engine(BaseModelRef("tiny", tiny_model_dir), {"triage-v1": model_dir, "triage-lora": tiny_adapter_dir})
+    from tuneloop.config import ServeConfig
+    from tuneloop.serve import build_engine
+    from tuneloop.serve.engine import Completion, EngineRequest, Sampling
+
+    engine = build_engine(
+        ServeConfig(), BaseModelRef("tiny", tiny_model_dir), {"triage-v1": model_dir, "triage-lora": tiny_adapter_dir}
+    )
     hi = [{"role": "user", "content": "hi"}]
-    served = {name: engine.complete(name, hi, Sampling(max_tokens=4)).text for name in engine.model_names}
+
+    async def answer_all() -> dict[str, str]:
+        texts = {}
+        for model in engine.models():
+            async for event in engine.generate(EngineRequest(model.name, Sampling(max_tokens=4), messages=hi)):
+                if isinstance(event, Completion):
+                    texts[model.name] = event.text
+        await engine.close()
+        return texts
+
+    served = asyncio.run(answer_all())
     assert served["triage-v1"] == answers[0].text  # the full model answers as evaluation saw it
     assert served["triage-lora"] != served["tiny"]  # adapters still switch on the shared base

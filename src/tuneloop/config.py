@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -302,10 +302,54 @@ class RegistryConfig(Section):
     model_name: str | None = Field(default=None, description="Registered model name (default: the run name).")
 
 
+class SamplingDefaults(Section):
+    temperature: float | None = Field(
+        default=None, ge=0.0, le=2.0, description="Temperature when a request sets none; 0 or null: greedy."
+    )
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0, description="Nucleus sampling share when a request sets none.")
+    max_tokens: int | None = Field(default=None, gt=0, description="`max_tokens` when a request sets none.")
+
+
+class VllmConfig(Section):
+    command: list[str] = Field(
+        default_factory=lambda: ["vllm", "serve"],
+        description="How to start vLLM's OpenAI server (the base model's directory and the options follow).",
+    )
+    port: int = Field(default=8100, gt=0, lt=65536, description="Loopback port vLLM listens on.")
+    max_loras: int = Field(default=8, gt=0, description="Adapters vLLM keeps on the GPU at once (`--max-loras`).")
+    max_lora_rank: int = Field(default=64, gt=0, description="Largest adapter rank vLLM accepts (`--max-lora-rank`).")
+    startup_timeout: float = Field(default=600.0, gt=0, description="Seconds to wait for vLLM to answer /health.")
+    extra_args: list[str] = Field(
+        default_factory=list, description="More vLLM options, e.g. [--gpu-memory-utilization, '0.85']."
+    )
+
+
 class ServeConfig(Section):
     host: str = Field(default="127.0.0.1", description="Address to listen on.")
     port: int = Field(default=8000, gt=0, lt=65536, description="Port to listen on.")
     max_new_tokens: int = Field(default=256, gt=0, description="Default `max_tokens` when a request gives none.")
+    engine: Literal["builtin", "vllm"] = Field(
+        default="builtin",
+        description="`builtin`: tuneloop's continuous-batching engine (CPU or CUDA); `vllm`: vLLM's server as a "
+        "subprocess, for GPU production.",
+    )
+    max_batch_size: int = Field(
+        default=32, gt=0, description="builtin engine: requests decoded together in one step; more wait their turn."
+    )
+    prefix_cache_size: int = Field(
+        default=16, ge=0, description="builtin engine: system-prompt KV caches kept per (served model, prefix); 0: off."
+    )
+    threads: int | None = Field(default=None, gt=0, description="builtin engine: torch threads (default: torch's).")
+    enforce_schema: bool = Field(
+        default=False,
+        description="Constrain every answer of a version that has an answer schema to that schema, also when the "
+        "request sets no `response_format`.",
+    )
+    sampling: dict[str, SamplingDefaults] = Field(
+        default_factory=dict,
+        description="Sampling defaults per served model name (`*` for every model); a request's own values win.",
+    )
+    vllm: VllmConfig = VllmConfig()
 
 
 class RunConfig(Section):
@@ -351,7 +395,11 @@ def load_config(path: Path, overrides: list[str] | None = None) -> RunConfig:
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as err:
-        raise TuneloopError(f"{path}: {_describe(err)}") from None
+        problems = _describe(err)
+        if len(problems) == 1:
+            raise TuneloopError(f"{path}: {problems[0]}") from None
+        listing = "".join(f"\n  {problem}" for problem in problems)
+        raise TuneloopError(f"{path}: {len(problems)} problems{listing}") from None
     return _resolve_paths(cfg, path.parent)
 
 
@@ -368,30 +416,60 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
     node[leaf] = yaml.safe_load(value) if value.strip() else ""
 
 
-def _describe(err: ValidationError) -> str:
-    """The first validation problem in one line, with the closest valid key for a misspelled one."""
-    problem = err.errors()[0]
-    loc = ".".join(str(p) for p in problem["loc"])
+def _describe(err: ValidationError) -> list[str]:
+    """Every validation problem in one line each, with its key path; a misspelled key also gets the closest
+    valid key. The members of a union (`str | list[str]`) fail one by one; they make one line."""
+    by_key: dict[tuple, list[dict]] = {}
+    for problem in err.errors():
+        by_key.setdefault(_walk(problem["loc"])[0], []).append(problem)
+    return [_line(key, problems) for key, problems in by_key.items()]
+
+
+def _line(key: tuple, problems: list[dict]) -> str:
+    loc = ".".join(map(str, key))
+    problem = problems[0]
     if problem["type"] == "extra_forbidden":
-        valid = _valid_keys(problem["loc"][:-1])
-        close = difflib.get_close_matches(str(problem["loc"][-1]), valid, n=1, cutoff=0.5)
-        hint = f"; did you mean {'.'.join([*map(str, problem['loc'][:-1]), close[0]])!r}?" if close else ""
+        valid = _valid_keys(key[:-1])
+        close = difflib.get_close_matches(str(key[-1]), valid, n=1, cutoff=0.5)
+        hint = f"; did you mean {'.'.join([*map(str, key[:-1]), close[0]])!r}?" if close else ""
         return f"unknown key {loc!r}{hint} (valid keys here: {', '.join(valid)})"
     if problem["type"] == "missing":
         return f"missing required key {loc!r}"
-    return f"{loc}: {problem['msg']} (got {problem.get('input')!r})"
+    message = " or ".join(dict.fromkeys(p["msg"] for p in problems))
+    return f"{loc}: {message} (got {problem.get('input')!r})"
 
 
-def _valid_keys(parent_loc: tuple) -> list[str]:
-    model: type[BaseModel] = RunConfig
-    for part in parent_loc:
-        annotation = model.model_fields[str(part)].annotation
-        # An optional section (`JudgeConfig | None`) lists the keys of the section itself.
-        annotation = next((a for a in get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)), annotation)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return []
-        model = annotation
-    return list(model.model_fields)
+def _valid_keys(parent_key: tuple) -> list[str]:
+    model = _walk(parent_key)[1]
+    return [] if model is None else list(model.model_fields)
+
+
+def _walk(loc: tuple) -> tuple[tuple, type[BaseModel] | None]:
+    """The keys of `loc` as written in the YAML (without pydantic's union member tags such as
+    `target_modules.str`), and the section they lead to, if they lead to one."""
+    annotation: Any = RunConfig
+    key: list = []
+    for part in loc:
+        if get_origin(annotation) in (list, dict):  # `part` is an entry's index or key
+            annotation = get_args(annotation)[-1]
+        elif (model := _section(annotation)) is not None:
+            if str(part) not in model.model_fields:
+                return (*key, part), None  # an unknown key
+            annotation = model.model_fields[str(part)].annotation
+        else:
+            break  # a union member's tag: no key of the YAML
+        key.append(part)
+    return tuple(key), _section(annotation)
+
+
+def _section(annotation: Any) -> type[BaseModel] | None:
+    """The section `annotation` is, also when optional (`JudgeConfig | None`); None for other values."""
+    if get_origin(annotation) in (list, dict):
+        return None
+    for candidate in (annotation, *get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
 
 
 def _resolve_paths(cfg: RunConfig, base: Path) -> RunConfig:

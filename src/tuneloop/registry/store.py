@@ -22,11 +22,17 @@ HEADLINE = ("schema_valid", "json_valid", "field_accuracy", "rouge_l")
 
 
 def register(
-    cfg: RegistryConfig, name: str, adapter: Adapter, report: EvalReport, data: Dataset, run_config: dict[str, Any]
+    cfg: RegistryConfig,
+    name: str,
+    adapter: Adapter,
+    report: EvalReport,
+    data: Dataset,
+    run_config: dict[str, Any],
+    tags: dict[str, str] | None = None,
 ) -> ModelVersion:
     """Add the eval metrics, config and adapter to the run training logged (an adapter trained without
     tracking gets a new run with its params and per-step metrics) and register the adapter as a new
-    version of model `name`."""
+    version of model `name`, with `tags` (the dataset's lineage) on the version."""
     import mlflow
     from mlflow.entities import Metric
 
@@ -62,6 +68,8 @@ def register(
         )
     client.log_dict(run_id, run_config, "config.yaml")
     client.log_artifacts(run_id, str(adapter.dir), "adapter")
+    # What the version was trained to answer: the server applies it to requests that bring none.
+    client.log_dict(run_id, _serving_contract(data), f"adapter/{SERVING_CONTRACT}")
     if run.info.status == "RUNNING":
         client.set_terminated(run_id)
 
@@ -77,10 +85,21 @@ def register(
             "dataset_hash": data.hash,
             **{f"metric.{k}": f"{v:.4f}" for k, v in headline.items()},
             **{f"baseline.{k}": f"{report.baseline[k]:.4f}" for k in headline if k in report.baseline},
+            **(tags or {}),
         },
         description=f"LoRA adapter on {adapter.base_model}, dataset {data.hash[:12]}",
     )
     return _to_artifact(version)
+
+
+SERVING_CONTRACT = "serving.json"
+
+
+def _serving_contract(data: Dataset) -> dict[str, Any]:
+    import json
+
+    schema = json.loads(data.answer_schema.read_text(encoding="utf-8")) if data.answer_schema else None
+    return {"system_prompt": data.system_prompt, "answer_schema": schema}
 
 
 def training_tracking(cfg: RegistryConfig, name: str) -> Tracking:
@@ -154,6 +173,29 @@ def version_dir(cfg: RegistryConfig, name: str, number: int, base_model: str | N
     from mlflow.artifacts import download_artifacts
     from mlflow.exceptions import MlflowException
 
+    version = _numbered_version(cfg, name, number, base_model)
+    try:
+        return Path(download_artifacts(artifact_uri=version.source))
+    except (MlflowException, OSError) as err:
+        raise TuneloopError(f"registry: {name} version {number}: cannot fetch {version.source} ({err})") from None
+
+
+def find_version(cfg: RegistryConfig, name: str, base_model: str, number: int | None = None) -> ModelVersion:
+    """Version `number` of model `name`, or without a number the version the bare name serves (the newest one
+    trained on `base_model`)."""
+    if number is not None:
+        return _numbered_version(cfg, name, number, base_model)
+    if not _exists(cfg):
+        raise TuneloopError(f"registry {default_tracking_uri()}: nothing is registered here yet")
+    newest = next((v for v in list_versions(cfg, name) if v.base_model == base_model), None)
+    if newest is None:
+        raise TuneloopError(f"registry: no version of {name!r} trained on {base_model} is registered")
+    return newest
+
+
+def _numbered_version(cfg: RegistryConfig, name: str, number: int, base_model: str | None) -> ModelVersion:
+    from mlflow.exceptions import MlflowException
+
     if not _exists(cfg):
         raise TuneloopError(f"registry {default_tracking_uri()}: nothing is registered here yet")
     client = _client(cfg)
@@ -165,10 +207,26 @@ def version_dir(cfg: RegistryConfig, name: str, number: int, base_model: str | N
         raise TuneloopError(
             f"registry: {name} version {number} was trained on {version.base_model}, not on {base_model}"
         )
+    return version
+
+
+def version_run(cfg: RegistryConfig, version: ModelVersion) -> tuple[dict[str, Any] | None, dict[str, float]]:
+    """The run config (its `config.yaml` artifact; None when the run has none) and the final metrics of the run
+    that registered `version`."""
+    import yaml
+    from mlflow.artifacts import download_artifacts
+    from mlflow.exceptions import MlflowException
+
+    client = _client(cfg)
     try:
-        return Path(download_artifacts(artifact_uri=version.source))
-    except (MlflowException, OSError) as err:
-        raise TuneloopError(f"registry: {name} version {number}: cannot fetch {version.source} ({err})") from None
+        metrics = dict(client.get_run(version.run_id).data.metrics)
+    except MlflowException:
+        return None, {}
+    try:
+        config = yaml.safe_load(Path(download_artifacts(run_id=version.run_id, artifact_path="config.yaml")).read_text())
+    except (MlflowException, OSError):
+        config = None
+    return (config if isinstance(config, dict) else None), metrics
 
 
 def _exists(cfg: RegistryConfig) -> bool:

@@ -1,18 +1,22 @@
-"""HTTP routes: OpenAI-compatible chat completions and model list, plus a health check."""
+"""HTTP routes: OpenAI-compatible chat completions, completions and model list, plus a health check."""
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.concurrency import iterate_in_threadpool
 from starlette.exceptions import HTTPException
 
-from tuneloop.serve.engine import Completion, Engine, Generation, Sampling, UnknownModelError
+from tuneloop.config import ServeConfig
+from tuneloop.errors import TuneloopError
+from tuneloop.serve.contract import response_format, sampling_defaults, with_system_prompt
+from tuneloop.serve.engine import Completion, Engine, EngineRequest, InvalidRequestError, Sampling, UnknownModelError
 from tuneloop.serve.protocol import (
     AssistantMessage,
     ChatCompletion,
@@ -20,29 +24,48 @@ from tuneloop.serve.protocol import (
     ChatCompletionRequest,
     Choice,
     ChunkChoice,
+    CompletionRequest,
     Delta,
     ErrorDetail,
     ErrorResponse,
     ModelCard,
     ModelList,
+    TextChoice,
+    TextCompletion,
     Usage,
+    unsupported,
 )
 
+log = logging.getLogger("tuneloop.serve")
 
-def create_app(engine: Engine, default_max_tokens: int = 256) -> FastAPI:
-    """The app serving `engine`'s models; `default_max_tokens` applies to requests that set no limit."""
-    app = FastAPI(title="tuneloop")
+
+def create_app(engine: Engine, cfg: ServeConfig | None = None) -> FastAPI:
+    """The app serving `engine`'s models under `cfg` (defaults when None)."""
+    cfg = cfg or ServeConfig()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await engine.start()
+        yield
+        await engine.close()
+
+    app = FastAPI(title="tuneloop", lifespan=lifespan)
     started = int(time.time())
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, err: RequestValidationError) -> JSONResponse:
         problem = err.errors()[0]
         param = ".".join(str(part) for part in problem["loc"] if part != "body")
-        return _error(400, f"{param}: {problem['msg']}" if param else problem["msg"], param=param or None)
+        message = "unsupported parameter" if problem["type"] == "extra_forbidden" else problem["msg"]
+        return _error(400, f"{param}: {message}" if param else message, param=param or None)
 
     @app.exception_handler(UnknownModelError)
     async def unknown_model(request: Request, err: UnknownModelError) -> JSONResponse:
         return _error(404, str(err), param="model", code="model_not_found")
+
+    @app.exception_handler(InvalidRequestError)
+    async def cannot_answer(request: Request, err: InvalidRequestError) -> JSONResponse:
+        return _error(400, str(err), param=err.param)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, err: HTTPException) -> JSONResponse:
@@ -50,68 +73,168 @@ def create_app(engine: Engine, default_max_tokens: int = 256) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, err: Exception) -> JSONResponse:
-        return _error(500, f"internal error: {type(err).__name__}: {err}")
+        request_id = f"req_{uuid.uuid4().hex[:16]}"
+        log.error("request %s failed", request_id, exc_info=err)
+        return _error(500, f"internal error (request id {request_id})")
 
     @app.get("/health")
     def health() -> dict:
-        return {"status": "ok", "models": engine.model_names}
+        return {"status": "ok", "models": [m.name for m in engine.models()]}
 
     @app.get("/v1/models")
     def list_models() -> ModelList:
-        return ModelList(data=[ModelCard(id=name, created=started) for name in engine.model_names])
+        models = engine.models()
+        root = models[0].name
+        return ModelList(data=[ModelCard(id=m.name, created=started, root=root, parent=m.parent) for m in models])
 
-    # A plain `def`: FastAPI runs it in its threadpool, so generation never blocks the event loop.
     @app.post("/v1/chat/completions", response_model=None)
-    def chat_completions(body: ChatCompletionRequest) -> ChatCompletion | StreamingResponse:
-        messages = [{"role": message.role, "content": message.text} for message in body.messages]
-        sampling = Sampling(
-            max_tokens=body.max_completion_tokens or body.max_tokens or default_max_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            stop=body.stop_strings,
-            seed=body.seed,
+    async def chat_completions(body: ChatCompletionRequest) -> ChatCompletion | StreamingResponse:
+        served = _served(engine, _checked(body).model)
+        messages = with_system_prompt([m.as_chat() for m in body.messages], served)
+        requested = body.response_format
+        answer_format = response_format(requested.as_dict() if requested else None, served, cfg)
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        generation = engine.generate(
+            EngineRequest(body.model, _sampling(cfg, body, max_tokens), messages=messages, response_format=answer_format)
         )
         reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
-            events = engine.stream(body.model, messages, sampling)  # an unknown model raises here, before streaming
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
             head = ChatCompletionChunk(id=reply_id, created=created, model=body.model, choices=[])
-            return StreamingResponse(_stream(events, head, include_usage), media_type="text/event-stream")
-        done = engine.complete(body.model, messages, sampling)
+            return _event_stream(_chat_chunks(await _started(generation), head, body.include_usage))
+        text, done = await _collect(generation)
+        message = AssistantMessage(content=text)
         return ChatCompletion(
-            id=reply_id,
-            created=created,
-            model=body.model,
-            choices=[Choice(message=AssistantMessage(content=done.text), finish_reason=done.finish_reason)],
-            usage=_usage(done),
+            id=reply_id, created=created, model=body.model,
+            choices=[Choice(message=message, finish_reason=done.finish_reason)], usage=_usage(done),
         )
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(body: CompletionRequest) -> TextCompletion | StreamingResponse:
+        _served(engine, _checked(body).model)
+        generation = engine.generate(
+            EngineRequest(body.model, _sampling(cfg, body, body.max_tokens), prompt=body.prompt_text)
+        )
+        head = TextCompletion(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=body.model, choices=[])
+        if body.stream:
+            return _event_stream(_text_chunks(await _started(generation), head, body.include_usage))
+        text, done = await _collect(generation)
+        choice = TextChoice(text=text, finish_reason=done.finish_reason)
+        return head.model_copy(update={"choices": [choice], "usage": _usage(done)})
 
     return app
 
 
-async def _stream(events: Generation, head: ChatCompletionChunk, include_usage: bool) -> AsyncIterator[str]:
+def _served(engine: Engine, name: str):
+    models = {m.name: m for m in engine.models()}
+    if name not in models:
+        raise UnknownModelError(name, list(models))
+    return models[name]
+
+
+def _checked(body):
+    param = unsupported(body)
+    if param is not None:
+        raise InvalidRequestError(f"{param}: only its default value is supported", param=param)
+    return body
+
+
+def _sampling(cfg: ServeConfig, body, max_tokens: int | None) -> Sampling:
+    defaults = sampling_defaults(cfg, body.model)
+    return Sampling(
+        max_tokens=max_tokens or defaults.max_tokens or cfg.max_new_tokens,
+        temperature=body.temperature if body.temperature is not None else defaults.temperature,
+        top_p=body.top_p if body.top_p is not None else defaults.top_p,
+        stop=body.stop_strings,
+        seed=body.seed,
+    )
+
+
+async def _collect(generation) -> tuple[str, Completion]:
     try:
-        async for chunk in iterate_in_threadpool(_sse(events, head, include_usage)):
-            yield chunk
+        async for event in generation:
+            if isinstance(event, Completion):
+                return event.text, event
     finally:
-        # A client that goes away cancels this task: stop its generation now, not whenever the GC collects it.
-        events.close()
+        await generation.aclose()
+    raise TuneloopError("the engine ended without a completion")
 
 
-def _sse(events: Generation, head: ChatCompletionChunk, include_usage: bool) -> Iterator[str]:
+async def _started(generation) -> AsyncIterator[str | Completion]:
+    """`generation` once its first event is in: an engine that refuses the request does so before the
+    stream's 200 is sent, so the client gets a proper error status."""
+    try:
+        first = await anext(generation)
+    except BaseException:
+        await generation.aclose()
+        raise
+
+    async def chained():
+        try:
+            yield first
+            async for event in generation:
+                yield event
+        finally:
+            await generation.aclose()
+
+    return chained()
+
+
+def _event_stream(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream")
+
+
+async def _chat_chunks(generation, head: ChatCompletionChunk, include_usage: bool) -> AsyncIterator[str]:
     def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
-        return f"data: {head.model_copy(update={'choices': choices, 'usage': usage}).model_dump_json()}\n\n"
+        return _sse(head.model_copy(update={"choices": choices, "usage": usage}))
 
-    yield chunk([ChunkChoice(delta=Delta(role="assistant"))])
-    for event in events:
-        if isinstance(event, str):
-            yield chunk([ChunkChoice(delta=Delta(content=event))])
-        else:
-            done = event
-    yield chunk([ChunkChoice(delta=Delta(), finish_reason=done.finish_reason)])
-    if include_usage:
-        yield chunk([], usage=_usage(done))
-    yield "data: [DONE]\n\n"
+    async for line in _stream(generation, chunk([ChunkChoice(delta=Delta(role="assistant"))]),
+                              lambda text: chunk([ChunkChoice(delta=Delta(content=text))]),
+                              lambda done: chunk([ChunkChoice(delta=Delta(), finish_reason=done.finish_reason)]),
+                              (lambda done: chunk([], usage=_usage(done))) if include_usage else None):
+        yield line
+
+
+async def _text_chunks(generation, head: TextCompletion, include_usage: bool) -> AsyncIterator[str]:
+    def chunk(choices: list[TextChoice], usage: Usage | None = None) -> str:
+        return _sse(head.model_copy(update={"choices": choices, "usage": usage}))
+
+    async for line in _stream(generation, None,
+                              lambda text: chunk([TextChoice(text=text)]),
+                              lambda done: chunk([TextChoice(text="", finish_reason=done.finish_reason)]),
+                              (lambda done: chunk([], usage=_usage(done))) if include_usage else None):
+        yield line
+
+
+async def _stream(
+    generation,
+    first: str | None,
+    piece: Callable[[str], str],
+    last: Callable[[Completion], str],
+    usage: Callable[[Completion], str] | None,
+) -> AsyncIterator[str]:
+    try:
+        if first is not None:
+            yield first
+        async for event in generation:
+            if isinstance(event, Completion):
+                yield last(event)
+                if usage is not None:
+                    yield usage(event)
+            else:
+                yield piece(event)
+        yield "data: [DONE]\n\n"
+    except Exception:  # noqa: BLE001 - the status line is sent already: end the stream with an error event
+        request_id = f"req_{uuid.uuid4().hex[:16]}"
+        log.exception("stream %s failed", request_id)
+        error = ErrorDetail(message=f"internal error (request id {request_id})", type="server_error")
+        yield f"data: {ErrorResponse(error=error).model_dump_json()}\n\n"
+    finally:
+        # A client that goes away cancels this task: the engine frees the request's slot at its next step.
+        await generation.aclose()
+
+
+def _sse(payload) -> str:
+    return f"data: {payload.model_dump_json()}\n\n"
 
 
 def _usage(done: Completion) -> Usage:
