@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Callable, Literal
@@ -163,13 +164,17 @@ def serve(
     """OpenAI-compatible server for the base model and every registered version of it."""
     from tuneloop.registry import adapter_paths
     from tuneloop.serve import serve as serve_stage
+    from tuneloop.serve.keys import load_api_keys
 
     cfg = _load(config, set)
     serve_cfg = cfg.serve if port is None else cfg.serve.model_copy(update={"port": port})
     base = _base(cfg)
     adapters = adapter_paths(cfg.registry, base.name)
+    keys = load_api_keys(serve_cfg.api_keys, os.environ) if serve_cfg.api_keys else None
     console.print(f"serving {', '.join([base.name, *adapters])} on http://{serve_cfg.host}:{serve_cfg.port}/v1")
-    serve_stage(serve_cfg, base, adapters)
+    if keys is None:
+        console.print("no serve.api_keys: every client is let in (fine on 127.0.0.1, not on a shared network)")
+    serve_stage(serve_cfg, base, lambda: adapter_paths(cfg.registry, base.name), keys)
 
 
 @registry_app.command("register")
@@ -207,6 +212,75 @@ def registry_list(
         metrics = [f"{v.metrics[m] * 100:.1f} %" if m in v.metrics else "-" for m in HEADLINE]
         table.add_row(v.name, str(v.version), v.base_model, v.dataset_hash[:12], *metrics)
     console.print(table)
+
+
+ByOpt = Annotated[str | None, typer.Option("--by", help="Who moves the alias, for the history (default: the OS user).")]
+
+
+@registry_app.command("promote")
+@user_errors
+def registry_promote(
+    config: ConfigArg,
+    version: Annotated[int, typer.Argument(help="The registered version to put in production.", show_default=False)],
+    by: ByOpt = None,
+    force: Annotated[bool, typer.Option(help="Promote a version whose gate failed or was not enforced.")] = False,
+    set: SetOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Give a version the `production` alias (the version the bare model name serves), once it loads."""
+    from tuneloop import pipeline
+
+    cfg = _load(config, set)
+    moved = pipeline.promote_version(cfg, version, by or _os_user(), force=force)
+    console.print(f"{cfg.model_name}: production {_move_text(moved)}", highlight=False)
+
+
+@registry_app.command("rollback")
+@user_errors
+def registry_rollback(config: ConfigArg, by: ByOpt = None, set: SetOpt = None, debug: DebugOpt = False) -> None:
+    """Give the `production` alias back to the version the latest promotion took it from."""
+    from tuneloop import pipeline
+
+    cfg = _load(config, set)
+    moved = pipeline.rollback_version(cfg, by or _os_user())
+    console.print(f"{cfg.model_name}: production {_move_text(moved)}", highlight=False)
+
+
+@registry_app.command("history")
+@user_errors
+def registry_history(config: ConfigArg, set: SetOpt = None, debug: DebugOpt = False) -> None:
+    """Every promotion and rollback of the model: when, who, from which version to which, its gate verdict."""
+    from rich.table import Table
+
+    from tuneloop.registry import history
+
+    cfg = _load(config, set)
+    entries = history(cfg.registry, cfg.model_name)
+    if not entries:
+        console.print(f"no promotions of {cfg.model_name} yet; `tuneloop registry promote CONFIG VERSION` makes one")
+        return
+    table = Table(title=f"{cfg.model_name}: production alias history")
+    for column in ("when (UTC)", "who", "action", "from → to", "gate verdict", "forced"):
+        table.add_column(column)
+    for e in entries:
+        moved = f"{'-' if e.from_version is None else f'v{e.from_version}'} → v{e.to_version}"
+        table.add_row(e.when, e.who, e.action, moved, e.verdict, "yes" if e.forced else "")
+    console.print(table)
+
+
+def _os_user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # no login name and no passwd entry, e.g. some containers
+        return "unknown"
+
+
+def _move_text(moved) -> str:
+    start = "none" if moved.from_version is None else f"v{moved.from_version}"
+    forced = ", forced" if moved.forced else ""
+    return f"{start} → v{moved.to_version} ({moved.action} by {moved.who}, gate {moved.verdict}{forced})"
 
 
 def _print_report(report) -> None:

@@ -350,6 +350,22 @@ class ServeConfig(Section):
         description="Sampling defaults per served model name (`*` for every model); a request's own values win.",
     )
     vllm: VllmConfig = VllmConfig()
+    api_keys: str | None = Field(
+        default=None,
+        description="API keys and their projects: a YAML file mapping key -> project, or `env:NAME` for an "
+        "environment variable holding `key=project` pairs separated by commas; null: no key needed.",
+    )
+    max_request_bytes: int = Field(default=1_000_000, gt=0, description="Largest request body accepted (413 above).")
+    max_tokens_cap: int = Field(default=4096, gt=0, description="Largest `max_tokens` a request may ask for (400 above).")
+    max_queue: int = Field(
+        default=64, ge=1, description="Requests waiting beyond the running batch; more are answered 429 with Retry-After."
+    )
+    reload_interval: float = Field(
+        default=5.0, ge=0, description="Seconds between looks at the registry for new versions and alias moves; 0: off."
+    )
+    shutdown_timeout: float = Field(
+        default=30.0, ge=0, description="On SIGTERM, seconds the running requests get to finish before the server exits."
+    )
 
 
 class RunConfig(Section):

@@ -2,22 +2,33 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from tuneloop.artifacts import BaseModelRef
 from tuneloop.config import ServeConfig
 
 
-def serve(cfg: ServeConfig, base: BaseModelRef, versions: dict[str, Path]) -> None:
-    """Serve `base` and every registered version in `versions` (served name -> directory) until interrupted."""
+def serve(
+    cfg: ServeConfig,
+    base: BaseModelRef,
+    registered: Callable[[], dict[str, Path]],
+    api_keys: dict[str, str] | None = None,
+) -> None:
+    """Serve `base` and the versions `registered()` names (served name -> directory), following it as it
+    changes, until interrupted; with `api_keys` (key -> project) only to clients that send one. SIGTERM stops
+    taking requests and lets the running ones finish, for at most `serve.shutdown_timeout` seconds."""
     import logging
 
     import uvicorn
 
     from tuneloop.serve.app import create_app
+    from tuneloop.serve.contract import served_models
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
-    uvicorn.run(create_app(build_engine(cfg, base, versions), cfg), host=cfg.host, port=cfg.port, log_level="info")
+    engine = build_engine(cfg, base, registered())
+    app = create_app(engine, cfg, api_keys, versions=lambda: served_models(base, registered())[1])
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info", timeout_graceful_shutdown=cfg.shutdown_timeout)
 
 
 def build_engine(cfg: ServeConfig, base: BaseModelRef, versions: dict[str, Path]):

@@ -2,21 +2,32 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
 from tuneloop.config import ServeConfig
 from tuneloop.errors import TuneloopError
 from tuneloop.serve.contract import response_format, sampling_defaults, with_system_prompt
-from tuneloop.serve.engine import Completion, Engine, EngineRequest, InvalidRequestError, Sampling, UnknownModelError
+from tuneloop.serve.engine import (
+    Completion,
+    Engine,
+    EngineRequest,
+    InvalidRequestError,
+    Sampling,
+    ServedModel,
+    UnknownModelError,
+)
+from tuneloop.serve.metrics import ServingMetrics
 from tuneloop.serve.protocol import (
     AssistantMessage,
     ChatCompletion,
@@ -39,32 +50,93 @@ from tuneloop.serve.protocol import (
 log = logging.getLogger("tuneloop.serve")
 
 
-def create_app(engine: Engine, cfg: ServeConfig | None = None) -> FastAPI:
-    """The app serving `engine`'s models under `cfg` (defaults when None)."""
+class Unauthorized(Exception):
+    pass
+
+
+class Overloaded(Exception):
+    pass
+
+
+def create_app(
+    engine: Engine,
+    cfg: ServeConfig | None = None,
+    api_keys: dict[str, str] | None = None,
+    versions: Callable[[], list[ServedModel]] | None = None,
+) -> FastAPI:
+    """The app serving `engine`'s models under `cfg` (defaults when None). With `api_keys` (key -> project)
+    every /v1 route needs `Authorization: Bearer <key>`; the key's project is `request.state.project`.
+    With `versions`, what the registry serves now, the engine follows it every `serve.reload_interval`."""
     cfg = cfg or ServeConfig()
+    metrics = ServingMetrics()
+    in_flight = [0]  # requests accepted and not yet over, all models
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await engine.start()
+        follower = None
+        if versions is not None and cfg.reload_interval > 0:
+            follower = asyncio.create_task(_follow_registry(engine, versions, cfg.reload_interval))
         yield
+        if follower is not None:
+            follower.cancel()
         await engine.close()
 
     app = FastAPI(title="tuneloop", lifespan=lifespan)
+    app.add_middleware(BodyLimit, max_bytes=cfg.max_request_bytes)
     started = int(time.time())
+
+    async def project(request: Request) -> str | None:
+        if api_keys is None:
+            return None
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or key.strip() not in api_keys:
+            raise Unauthorized()
+        request.state.project = api_keys[key.strip()]
+        return request.state.project
+
+    def admit(model: str, generation) -> AsyncIterator[str | Completion]:
+        in_flight[0] += 1
+
+        def over() -> None:
+            in_flight[0] -= 1
+
+        return metrics.track(model, generation, on_end=over)
+
+    def check_capacity() -> None:
+        if in_flight[0] >= cfg.max_batch_size + cfg.max_queue:
+            raise Overloaded()
+
+    @app.exception_handler(Unauthorized)
+    async def unauthorized(request: Request, err: Unauthorized) -> JSONResponse:
+        metrics.rejected.labels("401").inc()
+        return _error(401, "Incorrect API key provided; send it as `Authorization: Bearer <key>`.",
+                      code="invalid_api_key")
+
+    @app.exception_handler(Overloaded)
+    async def overloaded(request: Request, err: Overloaded) -> JSONResponse:
+        metrics.rejected.labels("429").inc()
+        response = _error(429, f"the server is at capacity ({cfg.max_batch_size} running, {cfg.max_queue} waiting); "
+                          "retry later", code="rate_limit_exceeded")
+        response.headers["Retry-After"] = "1"
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, err: RequestValidationError) -> JSONResponse:
         problem = err.errors()[0]
         param = ".".join(str(part) for part in problem["loc"] if part != "body")
         message = "unsupported parameter" if problem["type"] == "extra_forbidden" else problem["msg"]
+        metrics.rejected.labels("400").inc()
         return _error(400, f"{param}: {message}" if param else message, param=param or None)
 
     @app.exception_handler(UnknownModelError)
     async def unknown_model(request: Request, err: UnknownModelError) -> JSONResponse:
+        metrics.rejected.labels("404").inc()
         return _error(404, str(err), param="model", code="model_not_found")
 
     @app.exception_handler(InvalidRequestError)
     async def cannot_answer(request: Request, err: InvalidRequestError) -> JSONResponse:
+        metrics.rejected.labels("400").inc()
         return _error(400, str(err), param=err.param)
 
     @app.exception_handler(HTTPException)
@@ -75,28 +147,35 @@ def create_app(engine: Engine, cfg: ServeConfig | None = None) -> FastAPI:
     async def server_error(request: Request, err: Exception) -> JSONResponse:
         request_id = f"req_{uuid.uuid4().hex[:16]}"
         log.error("request %s failed", request_id, exc_info=err)
+        metrics.rejected.labels("500").inc()
         return _error(500, f"internal error (request id {request_id})")
 
     @app.get("/health")
     def health() -> dict:
         return {"status": "ok", "models": [m.name for m in engine.models()]}
 
-    @app.get("/v1/models")
+    @app.get("/metrics")
+    def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", dependencies=[Depends(project)])
     def list_models() -> ModelList:
         models = engine.models()
         root = models[0].name
         return ModelList(data=[ModelCard(id=m.name, created=started, root=root, parent=m.parent) for m in models])
 
-    @app.post("/v1/chat/completions", response_model=None)
+    @app.post("/v1/chat/completions", response_model=None, dependencies=[Depends(project)])
     async def chat_completions(body: ChatCompletionRequest) -> ChatCompletion | StreamingResponse:
         served = _served(engine, _checked(body).model)
         messages = with_system_prompt([m.as_chat() for m in body.messages], served)
         requested = body.response_format
         answer_format = response_format(requested.as_dict() if requested else None, served, cfg)
         max_tokens = body.max_completion_tokens or body.max_tokens
-        generation = engine.generate(
-            EngineRequest(body.model, _sampling(cfg, body, max_tokens), messages=messages, response_format=answer_format)
-        )
+        sampling = _sampling(cfg, body, max_tokens, "max_completion_tokens" if body.max_completion_tokens else "max_tokens")
+        check_capacity()
+        generation = admit(body.model, engine.generate(
+            EngineRequest(body.model, sampling, messages=messages, response_format=answer_format)
+        ))
         reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             head = ChatCompletionChunk(id=reply_id, created=created, model=body.model, choices=[])
@@ -108,12 +187,12 @@ def create_app(engine: Engine, cfg: ServeConfig | None = None) -> FastAPI:
             choices=[Choice(message=message, finish_reason=done.finish_reason)], usage=_usage(done),
         )
 
-    @app.post("/v1/completions", response_model=None)
+    @app.post("/v1/completions", response_model=None, dependencies=[Depends(project)])
     async def completions(body: CompletionRequest) -> TextCompletion | StreamingResponse:
         _served(engine, _checked(body).model)
-        generation = engine.generate(
-            EngineRequest(body.model, _sampling(cfg, body, body.max_tokens), prompt=body.prompt_text)
-        )
+        sampling = _sampling(cfg, body, body.max_tokens, "max_tokens")
+        check_capacity()
+        generation = admit(body.model, engine.generate(EngineRequest(body.model, sampling, prompt=body.prompt_text)))
         head = TextCompletion(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=body.model, choices=[])
         if body.stream:
             return _event_stream(_text_chunks(await _started(generation), head, body.include_usage))
@@ -122,6 +201,60 @@ def create_app(engine: Engine, cfg: ServeConfig | None = None) -> FastAPI:
         return head.model_copy(update={"choices": [choice], "usage": _usage(done)})
 
     return app
+
+
+class BodyLimit:
+    """Answers 413 to a request whose body is larger than `max_bytes`, by its Content-Length or, when the
+    body is chunked, as soon as it has read that much."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._refuse(send)
+        seen, refused = 0, False
+
+        async def counted():
+            nonlocal seen, refused
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes and not refused:
+                refused = True
+                await self._refuse(send)
+                return {"type": "http.disconnect"}  # the app stops reading; what it answers is dropped
+            return message
+
+        async def unless_refused(message):
+            if not refused:
+                await send(message)
+
+        await self.app(scope, counted, unless_refused)
+
+    async def _refuse(self, send) -> None:
+        response = _error(413, f"the request body is larger than {self.max_bytes} bytes (serve.max_request_bytes)")
+        await send({"type": "http.response.start", "status": 413, "headers": response.raw_headers})
+        await send({"type": "http.response.body", "body": response.body})
+
+
+async def _follow_registry(engine: Engine, versions: Callable[[], list[ServedModel]], interval: float) -> None:
+    """Keep the engine in step with the registry: new versions and alias moves reach traffic within
+    `interval` seconds, without a restart."""
+    served = [(m.name, m.path) for m in engine.models()[1:]]
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            wanted = await asyncio.to_thread(versions)
+            if [(m.name, m.path) for m in wanted] == served:
+                continue
+            now = await engine.sync(wanted)
+            log.info("serving %s", ", ".join(m.name for m in now) or "the base model only")
+            served = [(m.name, m.path) for m in wanted]
+        except Exception:  # noqa: BLE001 - a registry that cannot be read now may be readable at the next look
+            log.exception("could not follow the registry; still serving the versions loaded before")
 
 
 def _served(engine: Engine, name: str):
@@ -138,10 +271,13 @@ def _checked(body):
     return body
 
 
-def _sampling(cfg: ServeConfig, body, max_tokens: int | None) -> Sampling:
+def _sampling(cfg: ServeConfig, body, max_tokens: int | None, param: str) -> Sampling:
+    if max_tokens is not None and max_tokens > cfg.max_tokens_cap:
+        raise InvalidRequestError(f"{param}: at most {cfg.max_tokens_cap} (serve.max_tokens_cap)", param=param)
     defaults = sampling_defaults(cfg, body.model)
     return Sampling(
-        max_tokens=max_tokens or defaults.max_tokens or cfg.max_new_tokens,
+        max_tokens=max_tokens or min(defaults.max_tokens or cfg.max_new_tokens, cfg.max_tokens_cap),
+        fit_to_context=max_tokens is None,
         temperature=body.temperature if body.temperature is not None else defaults.temperature,
         top_p=body.top_p if body.top_p is not None else defaults.top_p,
         stop=body.stop_strings,

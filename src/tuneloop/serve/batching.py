@@ -37,12 +37,13 @@ from tuneloop.train.template import prompt_ids
 log = logging.getLogger("tuneloop.serve")
 
 PREFILL_TOKENS_PER_STEP = 512  # prompt tokens taken into one step, so long prompts do not stall decoding
+BASE = "base"  # key of the base model's weights
 
 
 @dataclass(eq=False)
 class _Request:
-    served: str  # the served model name
-    adapter: str | None  # the LoRA adapter its rows use, None for the base model or a full model
+    weights: str  # key of the weights it runs on: BASE, or a full version's directory
+    adapter: str | None  # key (directory) of the LoRA adapter its rows use, None for none
     tokens: list[int]  # prompt, then the generated tokens
     prompt_tokens: int
     request: EngineRequest
@@ -58,11 +59,19 @@ class _Request:
     done: bool = False
 
     @property
+    def prefix_key(self) -> tuple[str, tuple[int, ...]]:
+        # An adapter changes the keys and values: a prefix's cache belongs to one version's weights.
+        return (self.adapter or self.weights, self.prefix)
+
+    @property
     def generated(self) -> list[int]:
         return self.tokens[self.prompt_tokens :]
 
     def emit(self, item: str | Completion | Exception) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        except RuntimeError:  # the caller's event loop is gone: nobody is waiting for this any more
+            self.cancelled = True
 
 
 @dataclass(eq=False)
@@ -84,16 +93,14 @@ class BatchingEngine:
         import torch
 
         from tuneloop.serve import kv
+        from tuneloop.serve.lora import AdapterStack
 
-        names = [base.name, *(v.name for v in versions)]
-        if len(set(names)) != len(names):
-            raise TuneloopError(f"served model names must be unique: {', '.join(names)}")
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         kv.register_attention()
         self.cfg = cfg
-        self._served = {model.name: model for model in [base, *versions]}
-        self._order = names
+        self.base = base
+        self.trust_remote_code = trust_remote_code
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         base_ref = BaseModelRef(base.name, base.path, trust_remote_code)
@@ -103,85 +110,164 @@ class BatchingEngine:
         self.context = int(getattr(model.config, "max_position_embeddings", 2048))
         eos = model.generation_config.eos_token_id
         self._eos_ids = {self.tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
-        adapters = [v for v in versions if v.kind == "adapter"]
-        rows = None
-        if adapters:
-            from tuneloop.serve.lora import stack_adapters
-
-            model, rows = stack_adapters(_with_adapters(model, adapters))
-        self._weights: dict[str, _Weights] = {base.name: self._prepare(model, rows)}
-        self._weights_of = {base.name: base.name, **{a.name: base.name for a in adapters}}
-        for version in versions:
-            if version.kind == "full":
-                full = load_model(BaseModelRef(version.name, version.path, trust_remote_code))
-                self._weights[version.name] = self._prepare(full, None)
-                self._weights_of[version.name] = version.name
-        self.vocab_size = next(iter(self._weights.values())).lm_head.shape[0]
+        self._weights: dict[str, _Weights] = {BASE: self._prepare(model)}
+        self._weights[BASE].adapters = AdapterStack(self._weights[BASE].model, self.dtype, self.device)
+        self._loras: dict[str, Any] = {}  # adapter key (its directory) -> lora.LoraWeights
+        # served name -> (its ServedModel, weights key, adapter key or None); replaced whole by `sync`
+        self._routes: dict[str, tuple[ServedModel, str, str | None]] = {base.name: (base, BASE, None)}
+        self.vocab_size = self._weights[BASE].lm_head.shape[0]
 
         from tuneloop.serve.grammar import GrammarCompiler
 
         self._grammars = GrammarCompiler(self.tokenizer, self.vocab_size)  # once: it indexes the vocabulary
         self._prefixes: OrderedDict[tuple[str, tuple[int, ...]], list] = OrderedDict()
         self._waiting: deque[_Request] = deque()
+        self._jobs: deque[tuple[Any, threading.Event]] = deque()  # run by the scheduler between steps
         self._wakeup = threading.Condition()
         self._closing = False
-        self._thread = threading.Thread(target=self._run, name="tuneloop-batching", daemon=True)
+        self._thread: threading.Thread | None = None
         self.stats = {"steps": 0, "prompt_tokens_computed": 0, "prefix_hits": 0}
+        self.refused: dict[str, str] = {}  # served name -> why its version did not load, from the last sync
+        self._apply_versions(versions)
 
-    def _prepare(self, model, adapters) -> _Weights:
+    def _prepare(self, model) -> _Weights:
         import torch
 
         from tuneloop.serve import kv
 
         causal_lm = model.to(device=self.device, dtype=self.dtype).eval()
         head = causal_lm.lm_head
-        if not isinstance(head, torch.nn.Linear):  # an adapter on the output layer: not served here
-            raise TuneloopError("an adapter that changes the output layer (lm_head) cannot be served by this engine")
+        if not isinstance(head, torch.nn.Linear):
+            raise TuneloopError(f"{type(head).__name__} output layers are not served by this engine")
         causal_lm.lm_head = torch.nn.Identity()  # the forward returns hidden states; logits only where needed
         causal_lm.set_attn_implementation(kv.ATTENTION)
         cache = kv.SlotCache(causal_lm.config, self.cfg.max_batch_size, self.dtype, self.device)
         bias = None if head.bias is None else head.bias.detach()
-        return _Weights(causal_lm, head.weight.detach(), bias, cache, adapters)
+        return _Weights(causal_lm, head.weight.detach(), bias, cache, None)
+
+    # ---- which versions are served ----
+
+    async def sync(self, versions: list[ServedModel]) -> list[ServedModel]:
+        """Serve exactly `versions` (beside the base model) from now on. New ones are loaded first; a version
+        that does not load is logged and, when its name served an older version, that one stays. Requests
+        already running finish on the version they started with. Returns the versions served."""
+        await asyncio.to_thread(self._apply_versions, versions)
+        return self.models()[1:]
+
+    def _apply_versions(self, versions: list[ServedModel]) -> None:
+        from tuneloop.serve.lora import load_lora
+
+        routes = {self.base.name: self._routes[self.base.name]}
+        loras, fulls, refused = {}, {}, {}
+        for version in versions:
+            key = str(version.path)
+            try:
+                if version.name == self.base.name:
+                    raise TuneloopError(f"{version.name!r} is already the base model's name")
+                if version.kind == "adapter":
+                    loras[key] = self._loras.get(key) or load_lora(version.path, self._weights[BASE].model)
+                    routes[version.name] = (version, BASE, key)
+                else:
+                    fulls[key] = self._weights.get(key) or self._prepare(
+                        load_model(BaseModelRef(version.name, version.path, self.trust_remote_code))
+                    )
+                    routes[version.name] = (version, key, None)
+            except (TuneloopError, OSError, ValueError, RuntimeError) as err:
+                reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+                refused[version.name] = reason
+                previous = self._routes.get(version.name)
+                log.error("%s: not loaded (%s)%s", version.name, reason,
+                          "; the version it served before stays" if previous else "")
+                if previous is not None:
+                    routes[version.name] = previous
+                    weights_key, adapter_key = previous[1], previous[2]
+                    if adapter_key is not None:
+                        loras[adapter_key] = self._loras[adapter_key]
+                    elif weights_key != BASE:
+                        fulls[weights_key] = self._weights[weights_key]
+        # New requests take the new routes at once; the scheduler installs the weights before it admits them.
+        self._routes, self.refused = routes, refused
+        self._run_between_steps(lambda: self._install(loras, fulls))
+
+    def _install(self, loras: dict[str, Any], fulls: dict[str, _Weights]) -> None:
+        """Scheduler thread: serve `loras` and `fulls`, keeping what running or waiting requests still use."""
+        busy = [*self._waiting, *(item for w in self._weights.values() for item in w.running)]
+        for item in busy:
+            if item.adapter is not None and item.adapter not in loras:
+                loras[item.adapter] = self._loras[item.adapter]
+            if item.weights != BASE and item.weights not in fulls:
+                fulls[item.weights] = self._weights[item.weights]
+        if list(loras) != list(self._loras):
+            self._weights[BASE].adapters.set(loras)
+        self._loras = loras
+        self._weights = {BASE: self._weights[BASE], **fulls}
+        for stale in [key for key in self._prefixes if key[0] not in {BASE, *loras, *fulls}]:
+            del self._prefixes[stale]
+
+    def _run_between_steps(self, job) -> None:
+        if self._thread is None or not self._thread.is_alive() or threading.current_thread() is self._thread:
+            job()
+            return
+        done = threading.Event()
+        with self._wakeup:
+            self._jobs.append((job, done))
+            self._wakeup.notify()
+        done.wait()
 
     # ---- the Engine interface ----
 
     def models(self) -> list[ServedModel]:
-        return [self._served[name] for name in self._order]
+        return [served for served, _, _ in self._routes.values()]
 
     def running(self) -> int:
         """Requests holding a slot now."""
         return sum(len(w.running) for w in self._weights.values())
 
     def prefix_keys(self) -> list[tuple[str, tuple[int, ...]]]:
-        """(served model, prefix tokens) of each cached system-prompt prefix."""
+        """(version key, prefix tokens) of each cached system-prompt prefix: the key is the adapter's or full
+        model's directory, or BASE."""
         return list(self._prefixes)
 
     async def start(self) -> None:
-        if not self._thread.is_alive():
-            self._thread.start()
+        self._ensure_running()
+
+    def _ensure_running(self) -> None:
+        with self._wakeup:
+            if self._thread is None or not self._thread.is_alive():
+                self._closing = False
+                self._thread = threading.Thread(target=self._run, name="tuneloop-batching", daemon=True)
+                self._thread.start()
 
     async def close(self) -> None:
+        """Stop the scheduler; requests still running end with an error. `start` runs it again."""
         with self._wakeup:
             self._closing = True
             self._wakeup.notify_all()
-        if self._thread.is_alive():
+        if self._thread is not None and self._thread.is_alive():
             await asyncio.to_thread(self._thread.join, 30)
 
     def generate(self, request: EngineRequest) -> Generation:
-        if request.model not in self._served:
-            raise UnknownModelError(request.model, self._order)
-        if not self._thread.is_alive():
-            self._thread.start()
+        route = self._routes.get(request.model)  # resolved once: the request stays on this version
+        if route is None:
+            raise UnknownModelError(request.model, list(self._routes))
+        self._ensure_running()
         prompt, prefix = self._encode(request)
         if len(prompt) >= self.context:
             raise InvalidRequestError(
                 f"the prompt is {len(prompt)} tokens; {request.model}'s context is {self.context} tokens",
                 param="messages" if request.messages is not None else "prompt",
             )
-        served = self._served[request.model]
+        room = self.context - len(prompt)
+        if request.sampling.max_tokens > room and not request.sampling.fit_to_context:
+            raise InvalidRequestError(
+                f"max_tokens is {request.sampling.max_tokens}, but only {room} tokens of {request.model}'s context "
+                f"of {self.context} remain after the prompt's {len(prompt)}",
+                param="max_tokens",
+            )
+        _, weights, adapter = route
         item = _Request(
-            served=request.model,
-            adapter=request.model if served.kind == "adapter" else None,
+            weights=weights,
+            adapter=adapter,
             tokens=list(prompt),
             prompt_tokens=len(prompt),
             request=request,
@@ -244,35 +330,52 @@ class BatchingEngine:
         with torch.inference_mode():
             while True:
                 with self._wakeup:
-                    while not self._closing and not self._waiting and not any(w.running for w in self._weights.values()):
+                    while not (self._closing or self._waiting or self._jobs or any(w.running for w in self._weights.values())):
                         self._wakeup.wait()
                     if self._closing:
                         break
+                    jobs, self._jobs = list(self._jobs), deque()
+                for job, done in jobs:
+                    try:
+                        job()
+                    finally:
+                        done.set()
+                with self._wakeup:
                     waiting, self._waiting = list(self._waiting), deque()
                 self._admit(waiting)
                 for weights in self._weights.values():
                     if weights.running:
                         self._step_safely(weights)
         for weights in self._weights.values():
-            for item in weights.running:
+            for item in list(weights.running):
                 item.emit(TuneloopError("the server shut down before the answer was complete"))
-        for item in self._waiting:
-            item.emit(TuneloopError("the server shut down before the answer was started"))
+                self._leave(weights, item)
+        with self._wakeup:
+            for item in self._waiting:
+                item.emit(TuneloopError("the server shut down before the answer was started"))
+            self._waiting.clear()
+            for job, done in self._jobs:  # nothing runs now: the job can run in its caller's stead
+                job()
+                done.set()
+            self._jobs.clear()
 
     def _admit(self, waiting: list[_Request]) -> None:
         deferred = []
         for item in waiting:
             if item.cancelled:
                 continue
-            weights = self._weights[self._weights_of[item.served]]
+            weights = self._weights.get(item.weights)
+            if weights is None or (item.adapter is not None and item.adapter not in self._loras):
+                item.emit(TuneloopError("the version was unloaded while the request waited; send it again"))
+                continue
             if len(weights.running) >= self.cfg.max_batch_size:
                 deferred.append(item)
                 continue
             item.slot = len(weights.running)
             weights.running.append(item)
-            cached = self._prefixes.get((item.served, item.prefix)) if item.prefix else None
+            cached = self._prefixes.get(item.prefix_key) if item.prefix else None
             if cached is not None:
-                self._prefixes.move_to_end((item.served, item.prefix))
+                self._prefixes.move_to_end(item.prefix_key)
                 weights.cache.copy_in(item.slot, cached)
                 item.cached = len(item.prefix)
                 self.stats["prefix_hits"] += 1
@@ -347,7 +450,7 @@ class BatchingEngine:
 
         # 2. One forward pass for every row; logits only at each request's last row.
         if weights.adapters is not None:
-            weights.adapters.select(adapters, self.dtype, device)
+            weights.adapters.select(adapters)
         hidden = weights.model(
             input_ids=torch.tensor(ids, device=device)[:, None],  # (N, 1)
             position_ids=torch.tensor(positions, device=device)[:, None],
@@ -360,7 +463,7 @@ class BatchingEngine:
 
         # 3. A token for every request whose input is consumed; then answers stream and finished ones leave.
         for item in finishing:
-            if item.prefix and item.cached >= len(item.prefix) and (item.served, item.prefix) not in self._prefixes:
+            if item.prefix and item.cached >= len(item.prefix) and item.prefix_key not in self._prefixes:
                 self._keep_prefix(weights, item)
         tokens = self._choose(logits, finishing)
         for item, token in zip(finishing, tokens):
@@ -436,24 +539,9 @@ class BatchingEngine:
             weights.running[item.slot] = last
 
     def _keep_prefix(self, weights: _Weights, item: _Request) -> None:
-        self._prefixes[(item.served, item.prefix)] = weights.cache.copy_out(item.slot, len(item.prefix))
+        self._prefixes[item.prefix_key] = weights.cache.copy_out(item.slot, len(item.prefix))
         while len(self._prefixes) > self.cfg.prefix_cache_size:
             self._prefixes.popitem(last=False)
-
-
-def _with_adapters(model, adapters: list[ServedModel]):
-    from peft import PeftModel
-
-    first, *rest = adapters
-    try:
-        model = PeftModel.from_pretrained(model, first.path, adapter_name=first.name)
-        for adapter in rest:
-            first = adapter
-            model.load_adapter(adapter.path, adapter_name=adapter.name)
-    except (RuntimeError, OSError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
-        raise TuneloopError(f"{first.name} ({first.path}): cannot load the adapter: {reason}") from None
-    return model
 
 
 @lru_cache(maxsize=256)

@@ -40,6 +40,8 @@ class Sampling:
     top_p: float | None = None
     stop: tuple[str, ...] = ()
     seed: int | None = None  # seeds this request's own generator; the global RNG is never touched
+    # max_tokens was not given: shorten it to what the context holds after the prompt instead of refusing
+    fit_to_context: bool = False
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,12 @@ class Engine(Protocol):
 
     async def start(self) -> None:
         """Called once the event loop runs, before the first request."""
+        ...
+
+    async def sync(self, versions: list[ServedModel]) -> list[ServedModel]:
+        """Serve exactly `versions` beside the base model from now on; requests already running finish on the
+        version they started with. A version that does not load is logged, not served, and a name that
+        served an older version keeps it. Returns the versions served."""
         ...
 
     async def close(self) -> None:

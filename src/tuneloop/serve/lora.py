@@ -1,85 +1,135 @@
-"""Many LoRA adapters in one batch, each row with its own: every adapted linear layer holds all adapters'
-A matrices stacked (sum of ranks, in) and B matrices side by side (out, sum of ranks, scaling folded in),
-and a step's rows pick their adapter's block through one 0/1 mask shared by all layers.
+"""Many LoRA adapters in one batch, each row with its own, and adapters added or dropped while serving.
 
-That is two small matmuls per layer whatever the number of adapters in the batch, where PEFT's
-mixed-adapter forward runs a gather, two matmuls and a scatter per adapter and layer (benchmarks/RESULTS.md,
-"Serving under load": mixed-adapter throughput). PEFT still loads and checks the adapters.
+Every adapted linear layer holds all adapters' A matrices stacked (sum of ranks, in) and their B matrices
+side by side (out, sum of ranks; scaling folded in); a step's rows pick their adapter's block through one
+0/1 mask shared by all layers. That is two small matmuls per layer whatever the number of adapters in the
+batch, where PEFT's mixed-adapter forward runs a gather, two matmuls and a scatter per adapter and layer
+(benchmarks/RESULTS.md, "Serving under load"). PEFT reads the adapter's config and weights.
 """
 
 from __future__ import annotations
+
+import math
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from tuneloop.errors import TuneloopError
 
+LoraWeights = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module path -> (A (r, in), B (out, r) * scaling)
+_PREFIX = "base_model.model."  # how PEFT names the wrapped model's modules in a saved adapter
 
-class AdapterRows:
-    """Which adapter each row of the current step uses: `mask` (N, sum of ranks), None when no row uses one."""
 
-    def __init__(self, ranks: dict[str, int]):
-        self.index = {name: i for i, name in enumerate(ranks)}
-        self.total = sum(ranks.values())
-        self.offsets: dict[str, int] = {}
-        self._table = torch.zeros(len(ranks) + 1, self.total)  # one 0/1 row per adapter; the last: no adapter
-        start = 0
-        for i, (name, rank) in enumerate(ranks.items()):
-            self.offsets[name] = start
-            self._table[i, start : start + rank] = 1
-            start += rank
-        self.mask: torch.Tensor | None = None
+def load_lora(path: Path, model: nn.Module) -> LoraWeights:
+    """The LoRA weights of the adapter at `path`, checked against `model` (the base model): every adapted
+    module must be one of its linear layers, with matching shapes."""
+    from peft import LoraConfig
+    from peft.utils import load_peft_weights
+    from peft.utils.other import get_pattern_key
 
-    def select(self, adapters: list[str | None], dtype: torch.dtype, device: torch.device) -> None:
-        if not any(adapters):
-            self.mask = None
-            return
-        rows = torch.tensor([self.index[name] if name else -1 for name in adapters])
-        self.mask = self._table[rows].to(device=device, dtype=dtype)
+    try:
+        config = LoraConfig.from_pretrained(str(path))
+        state = load_peft_weights(str(path), device="cpu")
+    except Exception as err:  # noqa: BLE001 - PEFT raises many kinds for missing or broken files
+        raise TuneloopError(f"{path}: cannot read the adapter ({type(err).__name__}: {str(err)[:200]})") from None
+    if config.use_dora or config.fan_in_fan_out or getattr(config, "lora_bias", False):
+        raise TuneloopError(f"{path}: DoRA, LoRA biases and fan-in-fan-out adapters are not served by this engine")
+    others = sorted({key for key in state if ".lora_A." not in key and ".lora_B." not in key})
+    if others:
+        raise TuneloopError(f"{path}: the adapter also changes {others[0]} (modules_to_save or embeddings), "
+                            "which this engine cannot serve beside other versions")
+    weights: LoraWeights = {}
+    for key, a in state.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        module_path = key.removeprefix(_PREFIX).removesuffix(".lora_A.weight")
+        b = state[key.replace(".lora_A.", ".lora_B.")]
+        module = _linear(model, module_path, path)
+        if a.shape != (a.shape[0], module.in_features) or b.shape != (module.out_features, a.shape[0]):
+            raise TuneloopError(f"{path}: {module_path} does not fit the base model (adapter {tuple(a.shape)} and "
+                                f"{tuple(b.shape)}, layer {module.in_features} -> {module.out_features})")
+        rank = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), module_path), config.r)
+        alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), module_path), config.lora_alpha)
+        scaling = alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
+        weights[module_path] = (a.float(), b.float() * scaling)
+    if not weights:
+        raise TuneloopError(f"{path}: the adapter holds no LoRA weights")
+    return weights
+
+
+def _linear(model: nn.Module, module_path: str, path: Path) -> nn.Linear:
+    try:
+        module = model.get_submodule(module_path)
+    except AttributeError:
+        raise TuneloopError(f"{path}: the base model has no layer {module_path}; was it trained on another model?") from None
+    if isinstance(module, MultiLoraLinear):
+        module = module.base
+    if not isinstance(module, nn.Linear):
+        raise TuneloopError(f"{path}: {module_path} is a {type(module).__name__}; only linear layers are served")
+    return module
 
 
 class MultiLoraLinear(nn.Module):
-    def __init__(self, base: nn.Linear, a: torch.Tensor, b: torch.Tensor, rows: AdapterRows):
+    def __init__(self, base: nn.Linear, stack: AdapterStack):
         super().__init__()
         self.base = base
-        self.register_buffer("a", a)  # (R, in)
-        self.register_buffer("b", b)  # (out, R)
-        self.rows = rows
+        self.stack = stack
+        self.a: torch.Tensor | None = None  # (R, in)
+        self.b: torch.Tensor | None = None  # (out, R)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (N, 1, in)
         out = self.base(x)  # (N, 1, out)
-        if self.rows.mask is None:
+        mask = self.stack.mask
+        if mask is None or self.a is None:
             return out
-        low = (x.reshape(-1, x.shape[-1]) @ self.a.T).mul_(self.rows.mask)  # (N, R): other adapters' ranks zeroed
+        low = (x.reshape(-1, x.shape[-1]) @ self.a.T).mul_(mask)  # (N, R): other adapters' ranks zeroed
         out.view(-1, out.shape[-1]).addmm_(low, self.b.T)
         return out
 
 
-def stack_adapters(peft_model) -> tuple[nn.Module, AdapterRows]:
-    """The transformers model inside `peft_model` with each LoRA layer replaced by a `MultiLoraLinear`
-    holding every loaded adapter, and the `AdapterRows` that steers them."""
-    from peft.tuners.lora import Linear as LoraLinear
-    from peft.tuners.lora import LoraLayer
+class AdapterStack:
+    """The adapters a base model serves now, by key. `set` replaces them (between steps); `select` says which
+    adapter each row of the next step uses."""
 
-    names = list(peft_model.peft_config)
-    layers = [(path, module) for path, module in peft_model.named_modules() if isinstance(module, LoraLayer)]
-    ranks = {name: max((m.r[name] for _, m in layers if name in m.r), default=0) for name in names}
-    rows = AdapterRows(ranks)
-    for path, module in layers:
-        if not isinstance(module, LoraLinear):
-            raise TuneloopError(f"{path}: adapters on {type(module).__name__} layers are not served; only on linear layers")
-        base = module.get_base_layer()
-        a = base.weight.new_zeros(rows.total, base.in_features)
-        b = base.weight.new_zeros(base.out_features, rows.total)
-        for name in names:
-            if name not in module.lora_A:
-                continue
-            if module.use_dora.get(name) or module.fan_in_fan_out or getattr(module, "lora_bias", {}).get(name):
-                raise TuneloopError(f"adapter {name!r}: DoRA, LoRA biases and fan-in-fan-out layers are not served")
-            start = rows.offsets[name]
-            rank = module.r[name]
-            a[start : start + rank] = module.lora_A[name].weight
-            b[:, start : start + rank] = module.lora_B[name].weight * module.scaling[name]
-        parent_path, _, attribute = path.rpartition(".")
-        setattr(peft_model.get_submodule(parent_path), attribute, MultiLoraLinear(base, a, b, rows))
-    return peft_model.get_base_model(), rows
+    def __init__(self, model: nn.Module, dtype: torch.dtype, device: torch.device):
+        self.model, self.dtype, self.device = model, dtype, device
+        self.keys: list[str] = []
+        self.mask: torch.Tensor | None = None  # (N, R) for the current step; None: no row uses an adapter
+        self._table = torch.zeros(1, 0)  # 0/1 row per adapter, the last row for "no adapter"
+        self._layers: dict[str, MultiLoraLinear] = {}
+
+    def set(self, adapters: dict[str, LoraWeights]) -> None:
+        self.keys = list(adapters)
+        ranks = [max(a.shape[0] for a, _ in weights.values()) for weights in adapters.values()]
+        starts = [sum(ranks[:i]) for i in range(len(ranks))]
+        total = sum(ranks)
+        self._table = torch.zeros(len(ranks) + 1, total)
+        for i, (start, rank) in enumerate(zip(starts, ranks)):
+            self._table[i, start : start + rank] = 1
+        for module_path in {p for weights in adapters.values() for p in weights} - set(self._layers):
+            parent_path, _, attribute = module_path.rpartition(".")
+            parent = self.model.get_submodule(parent_path)
+            self._layers[module_path] = MultiLoraLinear(getattr(parent, attribute), self)
+            setattr(parent, attribute, self._layers[module_path])
+        for module_path, layer in self._layers.items():
+            base = layer.base
+            a = torch.zeros(total, base.in_features)
+            b = torch.zeros(base.out_features, total)
+            for start, weights in zip(starts, adapters.values()):
+                if module_path in weights:
+                    lora_a, lora_b = weights[module_path]
+                    a[start : start + lora_a.shape[0]] = lora_a
+                    b[:, start : start + lora_a.shape[0]] = lora_b
+            used = any(module_path in weights for weights in adapters.values())
+            layer.a = a.to(self.device, self.dtype) if used else None
+            layer.b = b.to(self.device, self.dtype) if used else None
+
+    def select(self, rows: list[str | None]) -> None:
+        """`rows[i]`: the key of row i's adapter, None for the base model."""
+        if not any(rows):
+            self.mask = None
+            return
+        index = {key: i for i, key in enumerate(self.keys)}
+        picked = torch.tensor([index[key] if key else -1 for key in rows])
+        self.mask = self._table[picked].to(device=self.device, dtype=self.dtype)
