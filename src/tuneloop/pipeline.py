@@ -11,12 +11,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from tuneloop.artifacts import Adapter, BaseModelRef, Dataset, EvalReport, ModelVersion, load_meta
+from tuneloop.artifacts import Adapter, BaseModelRef, Dataset, EvalReport, ModelVersion, Promotion, load_meta
 from tuneloop.config import RunConfig
 from tuneloop.errors import TuneloopError
 
@@ -278,7 +279,54 @@ def _register(
     from tuneloop.registry import register
 
     tags = lineage_tags(version) if version is not None else None
-    return register(cfg.registry, cfg.model_name, adapter, report, data, cfg.model_dump(mode="json"), tags)
+    return register(cfg.registry, cfg.model_name, adapter, report, data, cfg.model_dump(mode="json"), tags,
+                    gate_enforced=cfg.eval.enforce_gate)
+
+
+def promote_version(cfg: RunConfig, version: int, by: str, force: bool = False) -> Promotion:
+    """Give version `version` of the config's model the `production` alias (the version its bare name serves),
+    once it loads on the config's base model. A version without a passed gate, or one that does not load,
+    needs `force`."""
+    from tuneloop.registry import find_version, production_version, promote, promotion_refusal
+
+    base = resolve_base(cfg)
+    target = find_version(cfg.registry, cfg.model_name, base.name, version)
+    # Refused before the (slow) load where the registry would refuse it anyway.
+    refusal = promotion_refusal(target, production_version(cfg.registry, cfg.model_name), force)
+    if refusal is not None:
+        raise TuneloopError(f"registry: {refusal}")
+    try:
+        _check_loads(cfg, base, target, "promoted")
+    except TuneloopError as err:
+        if not force:
+            raise
+        # Forced: the alias moves; a server that cannot load the version keeps serving the one it has.
+        logging.getLogger("tuneloop").warning("promoting anyway (--force): %s", err)
+    return promote(cfg.registry, cfg.model_name, version, by, force)
+
+
+def rollback_version(cfg: RunConfig, by: str) -> Promotion:
+    """Give the `production` alias back to the version the latest promotion still in effect took it from,
+    once that version loads on the config's base model."""
+    from tuneloop.registry import rollback, rollback_target
+
+    base = resolve_base(cfg)
+    target = rollback_target(cfg.registry, cfg.model_name)
+    _check_loads(cfg, base, target, "rolled back to")
+    return rollback(cfg.registry, cfg.model_name, by)
+
+
+def _check_loads(cfg: RunConfig, base: BaseModelRef, version: ModelVersion, verb: str) -> None:
+    """A version that cannot answer (corrupt or missing weights, another base model) never gets the alias."""
+    from tuneloop.evaluate.generate import load_for_generation
+    from tuneloop.registry import version_dir
+
+    directory = version_dir(cfg.registry, version.name, version.version, base_model=base.name)
+    try:
+        load_for_generation(base, directory)
+    except TuneloopError as err:
+        raise TuneloopError(f"registry: {version.name} version {version.version} does not load, so it was not "
+                            f"{verb}: {err}") from None
 
 
 def _judge(cfg: RunConfig) -> Judge | None:
@@ -306,9 +354,11 @@ __all__ = [
     "lineage_tags",
     "prepare_data",
     "production_opponent",
+    "promote_version",
     "register_adapter",
     "resolve_base",
     "resolve_candidate",
+    "rollback_version",
     "run",
     "train_adapter",
 ]
