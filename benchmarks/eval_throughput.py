@@ -18,25 +18,17 @@ import json
 import sys
 from pathlib import Path
 
+import demo_prompts  # noqa: E402  (beside this script)
 from tuneloop.config import DEFAULT_BASE_MODEL, RunConfig, load_config
 from tuneloop.evaluate.generate import Generation, generate_answers
 from tuneloop.models import resolve_base_model
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ticket-triage" / "config.yaml"
 
 
 def chat_prompts(count: int) -> list[list[dict[str, str]]]:
-    """The first `count` ticket-triage questions, each after the task's system prompt."""
-    data = load_config(EXAMPLE).data
-    prompts = []
-    with data.path.open(encoding="utf-8") as handle:
-        for line in handle:
-            turns = [m for m in json.loads(line)["messages"][:-1] if m["role"] != "system"]
-            prompts.append([{"role": "system", "content": data.system_prompt}, *turns])
-            if len(prompts) == count:
-                break
+    prompts = demo_prompts.chat_prompts(count)
     if len(prompts) < count:
-        sys.exit(f"{data.path}: only {len(prompts)} prompts, asked for {count}")
+        sys.exit(f"{demo_prompts.EXAMPLE}: only {len(prompts)} prompts, asked for {count}")
     return prompts
 
 

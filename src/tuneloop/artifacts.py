@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from tuneloop.errors import TuneloopError
 
@@ -116,3 +116,23 @@ class ModelVersion:
     base_model: str
     dataset_hash: str
     metrics: dict[str, float]
+    # The gate at registration: "passed" or "failed" where `eval.enforce_gate` held, "not_enforced" where it
+    # did not (whatever was scored), "unknown" for a version registered before verdicts were kept. Only a
+    # passed version is promoted without --force.
+    gate_verdict: str = "unknown"
+    gate_failures: str = ""  # the failing metrics, "; "-separated, as the gate reported them
+
+
+@dataclasses.dataclass(frozen=True)
+class Promotion:
+    """One move of a model's `production` alias, as the registry keeps it: who moved it and when (ISO-8601,
+    UTC), from which version (None: no version had it) to which, that version's gate verdict, and whether
+    --force overrode that verdict."""
+
+    action: Literal["promote", "rollback"]
+    who: str
+    when: str
+    from_version: int | None
+    to_version: int
+    verdict: str
+    forced: bool = False

@@ -53,7 +53,7 @@ def generate_answers(
     (merged) model directory in its place (`model_dir`)."""
     import torch
 
-    tokenizer, model = _load(base, model_dir)
+    tokenizer, model = load_for_generation(base, model_dir)
     model.eval()
     with _progress(label) as progress, torch.inference_mode():
         task = progress.add_task(label, total=len(prompts), rate="")
@@ -164,7 +164,11 @@ def _pad_after_prefix(rows: list[list[int]], prefix_len: int, pad_id: int):
     return input_ids, attention_mask
 
 
-def _load(base: BaseModelRef, model_dir: Path | None):
+def load_for_generation(base: BaseModelRef, model_dir: Path | None):
+    """(tokenizer, model): the base model, an adapter directory on top of it, or a full model directory in its
+    place; one that cannot be loaded (wrong base model, missing or corrupt weights) is a TuneloopError."""
+    from safetensors import SafetensorError
+
     if model_dir is None:
         return load_tokenizer(base), load_model(base)
     try:
@@ -176,7 +180,7 @@ def _load(base: BaseModelRef, model_dir: Path | None):
         # A merged model saved without its tokenizer answers with the base model's.
         has_tokenizer = (model_dir / "tokenizer_config.json").is_file()
         return load_tokenizer(full if has_tokenizer else base), load_model(full)
-    except (RuntimeError, OSError, ValueError) as err:  # e.g. an adapter trained on another base model
+    except (RuntimeError, OSError, ValueError, SafetensorError) as err:  # e.g. another base model, truncated weights
         reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
         raise TuneloopError(f"{model_dir}: cannot load it on {base.name}: {reason}") from None
 

@@ -1,5 +1,7 @@
-"""Registry stage: versions, lineage and headline metrics on MLflow."""
+"""Registry stage: versions, lineage and headline metrics on MLflow; promotion and rollback of the version
+in production."""
 
+from tuneloop.registry.promotion import history, promote, promotion_refusal, rollback, rollback_target
 from tuneloop.registry.store import (
     HEADLINE,
     SERVING_CONTRACT,
@@ -15,5 +17,5 @@ from tuneloop.registry.store import (
 
 __all__ = [
     "HEADLINE", "SERVING_CONTRACT", "adapter_paths", "find_version", "list_versions", "production_version", "register", "training_tracking",
-    "version_dir", "version_run",
+    "version_dir", "version_run", "history", "promote", "promotion_refusal", "rollback", "rollback_target",
 ]

@@ -29,10 +29,12 @@ def register(
     data: Dataset,
     run_config: dict[str, Any],
     tags: dict[str, str] | None = None,
+    gate_enforced: bool = True,
 ) -> ModelVersion:
     """Add the eval metrics, config and adapter to the run training logged (an adapter trained without
     tracking gets a new run with its params and per-step metrics) and register the adapter as a new
-    version of model `name`, with `tags` (the dataset's lineage) on the version."""
+    version of model `name`, with `tags` (the dataset's lineage) and the gate's verdict on the version
+    (`gate_enforced`: whether `eval.enforce_gate` held for it)."""
     import mlflow
     from mlflow.entities import Metric
 
@@ -85,6 +87,7 @@ def register(
             "dataset_hash": data.hash,
             **{f"metric.{k}": f"{v:.4f}" for k, v in headline.items()},
             **{f"baseline.{k}": f"{report.baseline[k]:.4f}" for k in headline if k in report.baseline},
+            **_gate_tags(report, gate_enforced),
             **(tags or {}),
         },
         description=f"LoRA adapter on {adapter.base_model}, dataset {data.hash[:12]}",
@@ -93,6 +96,20 @@ def register(
 
 
 SERVING_CONTRACT = "serving.json"
+TAG_VALUE_LIMIT = 5000  # what every MLflow tracking server accepts in a tag value (older ones cap it there)
+
+
+def _gate_tags(report: EvalReport, enforced: bool) -> dict[str, str]:
+    """The version tags keeping the gate's verdict: `gate.passed` and `gate.enforced` as scored and
+    configured, `gate.verdict` derived from both, and `gate.failures` (the failing metrics)."""
+    passed = report.gate_passed is True
+    verdict = "not_enforced" if not enforced else "passed" if passed else "failed"
+    return {
+        "gate.passed": str(passed).lower(),
+        "gate.enforced": str(enforced).lower(),
+        "gate.verdict": verdict,
+        "gate.failures": "; ".join(report.gate_failures)[:TAG_VALUE_LIMIT],
+    }
 
 
 def _serving_contract(data: Dataset) -> dict[str, Any]:
@@ -137,17 +154,24 @@ def list_versions(cfg: RegistryConfig, name: str | None = None) -> list[ModelVer
 
 def adapter_paths(cfg: RegistryConfig, base_model: str) -> dict[str, Path]:
     """Local adapter directories of every version trained on `base_model`, by served name:
-    `<model>-v<N>` for each version and `<model>` for the newest."""
+    `<model>-v<N>` for each version and `<model>` for the version with the `production` alias (the newest
+    when no version on `base_model` has it)."""
     from mlflow.artifacts import download_artifacts
 
     _client(cfg)
     paths: dict[str, Path] = {}
+    names: set[str] = set()
     for version in list_versions(cfg):
         if version.base_model != base_model:
             continue
         local = Path(download_artifacts(artifact_uri=version.source))
         paths.setdefault(version.name, local)  # newest first, so the bare name is the latest version
         paths[f"{version.name}-v{version.version}"] = local
+        names.add(version.name)
+    for name in names:
+        production = production_version(cfg, name)
+        if production is not None and production.base_model == base_model:
+            paths[name] = paths[f"{name}-v{production.version}"]
     return paths
 
 
@@ -181,12 +205,15 @@ def version_dir(cfg: RegistryConfig, name: str, number: int, base_model: str | N
 
 
 def find_version(cfg: RegistryConfig, name: str, base_model: str, number: int | None = None) -> ModelVersion:
-    """Version `number` of model `name`, or without a number the version the bare name serves (the newest one
-    trained on `base_model`)."""
+    """Version `number` of model `name`, or without a number the version the bare name serves (the one with the
+    `production` alias, else the newest one trained on `base_model`)."""
     if number is not None:
         return _numbered_version(cfg, name, number, base_model)
     if not _exists(cfg):
         raise TuneloopError(f"registry {default_tracking_uri()}: nothing is registered here yet")
+    production = production_version(cfg, name)
+    if production is not None and production.base_model == base_model:
+        return production
     newest = next((v for v in list_versions(cfg, name) if v.base_model == base_model), None)
     if newest is None:
         raise TuneloopError(f"registry: no version of {name!r} trained on {base_model} is registered")
@@ -275,4 +302,6 @@ def _to_artifact(version) -> ModelVersion:
         base_model=tags.get("base_model", ""),
         dataset_hash=tags.get("dataset_hash", ""),
         metrics={k.removeprefix("metric."): float(v) for k, v in tags.items() if k.startswith("metric.")},
+        gate_verdict=tags.get("gate.verdict", "unknown"),
+        gate_failures=tags.get("gate.failures", ""),
     )
