@@ -116,6 +116,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=50)
     parser.add_argument("--max-tokens", type=int, default=200)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of the server")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16", help="of the server")
     parser.add_argument("--startup-timeout", type=float, default=600.0)
     parser.add_argument("--request-timeout", type=float, default=600.0)
     args = parser.parse_args()
@@ -125,7 +126,7 @@ def main() -> None:
     schema = json.loads(load_config(EXAMPLE).data.answer_schema.read_text(encoding="utf-8"))
     response_format = {"type": "json_schema", "json_schema": {"name": "ticket", "schema": schema, "strict": True}}
     with tempfile.TemporaryDirectory(prefix="constrained-") as tmp:
-        with tuneloop_server(Path(tmp), args.threads, args.startup_timeout) as url:
+        with tuneloop_server(Path(tmp), args.threads, args.dtype, args.startup_timeout) as url:
             with OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=args.request_timeout) as api:
                 ask(api, prompts[0], None, args.max_tokens)  # warm-up: first-call costs stay out of both
                 constrained = [ask(api, p, response_format, args.max_tokens) for p in prompts]

@@ -1,5 +1,6 @@
 """Serving under concurrent load: `tuneloop serve` against `transformers serve --continuous-batching`, on
-the same weights (the bundled SmolLM2-135M-Instruct directory), in float32, with the same torch threads.
+the same weights (the bundled SmolLM2-135M-Instruct directory), in the same dtype (`--dtype`), with the same
+torch threads.
 
     python benchmarks/serve_load.py --clients 16 --requests 8 --max-tokens 48 --runs 3 --adapters 4
 
@@ -9,7 +10,7 @@ requests one after another: the ticket-triage system prompt and user messages, g
 the same requests to both servers. Per run: requests/s over the wall time of the load, p95 latency, generated
 tokens/s and the completion tokens the server reported; each figure is the median of `--runs` runs. Both
 servers should generate about the same tokens for the same requests (within 5 %); their ratio is reported.
-The peer runs as `transformers serve MODEL_DIR --continuous-batching --device cpu --dtype float32`, and its
+The peer runs as `transformers serve MODEL_DIR --continuous-batching --device cpu --dtype DTYPE`, and its
 requests name MODEL_DIR as their model.
 
 With `--adapters K`, tuneloop is started once more with K LoRA adapters (r 16, all linear layers, small random
@@ -118,38 +119,40 @@ def _tail(path: Path, lines: int = 30) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def write_project(project: Path, port: int, threads: int) -> None:
+def write_project(project: Path, port: int, threads: int, dtype: str) -> None:
     """A project directory for `tuneloop serve`: a config on the bundled base model; ./mlruns is its registry."""
     project.mkdir(parents=True, exist_ok=True)
     serve = {"port": port}
     if "threads" in ServeConfig.model_fields:  # the batching server's own setting; the older server has none
         serve["threads"] = threads
+    if "dtype" in ServeConfig.model_fields:
+        serve["dtype"] = dtype
     data = load_config(demo_prompts.EXAMPLE).data.path  # serving reads no data, but a config names some
     config = {"name": "serve-load", "base_model": DEFAULT_BASE_MODEL, "data": {"path": str(data)}, "serve": serve}
     (project / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
 
 
-def tuneloop_server(project: Path, threads: int, timeout: float):
+def tuneloop_server(project: Path, threads: int, dtype: str, timeout: float):
     port = free_port()
-    write_project(project, port, threads)
+    write_project(project, port, threads, dtype)
     command = [sys.executable, "-m", "tuneloop", "serve", "config.yaml"]  # `tuneloop serve` of this interpreter
     return running(command, project, server_env(threads), port, timeout)
 
 
-def peer_command(model_dir: Path, port: int) -> list[str]:
+def peer_command(model_dir: Path, port: int, dtype: str) -> list[str]:
     """`transformers serve` pinned to the local model directory; requests must name that same path."""
     cli = Path(sys.executable).with_name("transformers")
     executable = str(cli) if cli.is_file() else shutil.which("transformers") or sys.exit("transformers CLI not found")
     return [
-        executable, "serve", str(model_dir), "--continuous-batching", "--device", "cpu", "--dtype", "float32",
+        executable, "serve", str(model_dir), "--continuous-batching", "--device", "cpu", "--dtype", dtype,
         "--host", HOST, "--port", str(port), "--log-level", "warning",
     ]
 
 
-def peer_server(model_dir: Path, workdir: Path, threads: int, timeout: float):
+def peer_server(model_dir: Path, workdir: Path, threads: int, dtype: str, timeout: float):
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
-    return running(peer_command(model_dir, port), workdir, server_env(threads), port, timeout)
+    return running(peer_command(model_dir, port, dtype), workdir, server_env(threads), port, timeout)
 
 
 # --- adapters --------------------------------------------------------------------------------------------
@@ -358,7 +361,7 @@ def report(args, threads: int, ours: list[Run], mixed: list[Run] | None, peer: l
         same = sum(theirs.get(a.index) == a.text for a in ours[0].answers)
     result = {
         "clients": args.clients, "requests_per_client": args.requests, "max_tokens": args.max_tokens,
-        "runs": args.runs, "threads": threads, "dtype": "float32",
+        "runs": args.runs, "threads": threads, "dtype": args.dtype,
         "tuneloop_req_per_s": _round(t["req_per_s"], 3),
         "peer_req_per_s": _round(p["req_per_s"], 3),
         "ratio": _round(t["req_per_s"] / p["req_per_s"], 2) if peer else None,
@@ -403,6 +406,7 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=0, help="also a run spread over K adapters + the base")
     parser.add_argument("--skip-peer", action="store_true", help="do not run transformers serve")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of both servers")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="of both servers")
     parser.add_argument("--startup-timeout", type=float, default=600.0)
     parser.add_argument("--request-timeout", type=float, default=600.0)
     args = parser.parse_args()
@@ -413,17 +417,17 @@ def main() -> None:
     prompts = demo_prompts.chat_prompts()
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         single_project, mixed_project = Path(tmp) / "single", Path(tmp) / "mixed"
-        with tuneloop_server(single_project, args.threads, args.startup_timeout) as url:
+        with tuneloop_server(single_project, args.threads, args.dtype, args.startup_timeout) as url:
             ours = measure("tuneloop", url, [base.name], prompts, args)
         mixed = None
         if args.adapters:
-            write_project(mixed_project, free_port(), args.threads)
+            write_project(mixed_project, free_port(), args.threads, args.dtype)
             models = [base.name, *make_adapters(mixed_project, base, args.adapters)]
-            with tuneloop_server(mixed_project, args.threads, args.startup_timeout) as url:
+            with tuneloop_server(mixed_project, args.threads, args.dtype, args.startup_timeout) as url:
                 mixed = measure(f"tuneloop, {args.adapters} adapters + base", url, models, prompts, args)
         peer = None
         if not args.skip_peer:
-            with peer_server(base.path, Path(tmp) / "peer", args.threads, args.startup_timeout) as url:
+            with peer_server(base.path, Path(tmp) / "peer", args.threads, args.dtype, args.startup_timeout) as url:
                 peer = measure("transformers serve", url, [str(base.path)], prompts, args)
     result = report(args, args.threads, ours, mixed, peer)
     if result["completion_tokens_within_5pct"] is False:

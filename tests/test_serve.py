@@ -45,7 +45,8 @@ def triage_dir(tiny_adapter_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir, tiny_adapter_dir, triage_dir):
     versions = {ADAPTER: tiny_adapter_dir, TRIAGE: triage_dir, FULL: tiny_model_dir}
-    cfg = ServeConfig(sampling={FULL: SamplingDefaults(max_tokens=3)})
+    # float32: answers are compared with plain transformers generate, which runs in float32
+    cfg = ServeConfig(dtype="float32", sampling={FULL: SamplingDefaults(max_tokens=3)})
     return build_engine(cfg, BaseModelRef(name=BASE, path=tiny_model_dir), versions), cfg
 
 
@@ -153,7 +154,7 @@ def test_prefix_cache_does_not_change_answers(client, tiny_model_dir, tiny_adapt
 
     from tuneloop.serve.engine import Completion, EngineRequest, Sampling
 
-    uncached = build_engine(ServeConfig(prefix_cache_size=0), BaseModelRef(BASE, tiny_model_dir), {ADAPTER: tiny_adapter_dir})
+    uncached = build_engine(ServeConfig(dtype="float32", prefix_cache_size=0), BaseModelRef(BASE, tiny_model_dir), {ADAPTER: tiny_adapter_dir})
 
     async def run():
         texts = []

@@ -144,7 +144,7 @@ def test_full_fine_tuning_writes_a_model_that_evaluation_and_serving_load(tiny_m
     from tuneloop.serve.engine import Completion, EngineRequest, Sampling
 
     engine = build_engine(
-        ServeConfig(), BaseModelRef("tiny", tiny_model_dir), {"triage-v1": model_dir, "triage-lora": tiny_adapter_dir}
+        ServeConfig(dtype="float32"), BaseModelRef("tiny", tiny_model_dir), {"triage-v1": model_dir, "triage-lora": tiny_adapter_dir}
     )
     hi = [{"role": "user", "content": "hi"}]
 

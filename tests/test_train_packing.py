@@ -66,9 +66,13 @@ def test_whole_chat_masking_and_truncation_are_reported(tokenizer):
 
 
 def test_training_prompt_is_the_prompt_evaluation_and_serving_build(tokenizer, tiny_model_dir):
+    import asyncio
+
     from tuneloop.artifacts import BaseModelRef
+    from tuneloop.config import ServeConfig
     from tuneloop.evaluate.generate import generate_answers
-    from tuneloop.serve.engine import Engine, Sampling
+    from tuneloop.serve import build_engine
+    from tuneloop.serve.engine import Completion, EngineRequest, Sampling
 
     for messages in CHATS:
         example = encode_example(tokenizer, messages, max_length=1024)
@@ -80,8 +84,18 @@ def test_training_prompt_is_the_prompt_evaluation_and_serving_build(tokenizer, t
     base = BaseModelRef("tiny", tiny_model_dir)
     prompts = [m[:-1] for m in CHATS]
     generated = generate_answers(base, None, prompts, max_new_tokens=2, batch_size=2, label="round trip")
-    engine = Engine(base, {})
-    served = [engine.complete("tiny", p, Sampling(max_tokens=2)) for p in prompts]
+    engine = build_engine(ServeConfig(), base, {})
+
+    async def serve_all():
+        done = []
+        for prompt in prompts:
+            async for event in engine.generate(EngineRequest("tiny", Sampling(max_tokens=2), messages=prompt)):
+                if isinstance(event, Completion):
+                    done.append(event)
+        await engine.close()
+        return done
+
+    served = asyncio.run(serve_all())
     for messages, gen, done in zip(CHATS, generated, served):
         expected = len(prompt_ids(tokenizer, messages[:-1]))
         assert gen.prompt_tokens == expected

@@ -94,3 +94,13 @@ def load_model(base: BaseModelRef, quantization_config=None):
     return AutoModelForCausalLM.from_pretrained(
         base.path, trust_remote_code=base.trust_remote_code, quantization_config=quantization_config
     )
+
+
+def bf16_capable(on_gpu: bool) -> bool:
+    """Whether bfloat16 matmuls run natively here: a CUDA GPU that supports them, or a CPU with AVX512-BF16 or
+    AMX (oneDNN's check)."""
+    import torch
+
+    if on_gpu:
+        return torch.cuda.is_bf16_supported()
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()

@@ -23,7 +23,7 @@ from typing import Any
 from tuneloop.artifacts import BaseModelRef
 from tuneloop.config import ServeConfig
 from tuneloop.errors import TuneloopError
-from tuneloop.models import load_model, load_tokenizer
+from tuneloop.models import bf16_capable, load_model, load_tokenizer
 from tuneloop.serve.engine import (
     Completion,
     EngineRequest,
@@ -102,7 +102,8 @@ class BatchingEngine:
         self.base = base
         self.trust_remote_code = trust_remote_code
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and bf16_capable(self.device.type == "cuda"))
+        self.dtype = torch.bfloat16 if bf16 else torch.float32
         base_ref = BaseModelRef(base.name, base.path, trust_remote_code)
         self.tokenizer = load_tokenizer(base_ref)
 
@@ -457,9 +458,10 @@ class BatchingEngine:
             step=plan,
             use_cache=False,
         ).logits[:, 0]  # (N, hidden): the head is an identity
-        logits = hidden[last_rows].float() @ weights.lm_head.float().T  # (B, V)
+        logits = hidden[last_rows] @ weights.lm_head.T  # (B, V)
         if weights.lm_bias is not None:
-            logits += weights.lm_bias.float()
+            logits += weights.lm_bias
+        logits = logits.float()
 
         # 3. A token for every request whose input is consumed; then answers stream and finished ones leave.
         for item in finishing:

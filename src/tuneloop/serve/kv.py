@@ -105,18 +105,20 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
     values[step.slots, :, step.positions] = value[:, :, 0]
     heads = query.shape[1]
     out = query.new_empty(query.shape[0], 1, heads, query.shape[3])
-    gqa = heads != keys.shape[1]
 
     if step.decode_slots:
+        # One query per request against its own slot, written out as matmuls: on CPU in bfloat16 this is
+        # several times faster than SDPA's kernel for single-token queries, and as fast in float32.
         used = max(step.decode_slots) + 1
         longest = int(step.lengths[:used].max())
-        q = query.new_zeros(used, heads, 1, query.shape[3])  # rows of slots that do not decode stay unused
+        kv_heads, dim = keys.shape[1], query.shape[3]
+        q = query.new_zeros(used, heads, 1, dim)  # rows of slots that do not decode stay unused
         q[step.decode_slots] = query[step.decode_rows]
-        visible = torch.arange(longest, device=query.device) < step.lengths[:used, None]  # (used, T)
-        attended = F.scaled_dot_product_attention(
-            q, keys[:used, :, :longest], values[:used, :, :longest],
-            attn_mask=visible[:, None, None, :], scale=scaling, enable_gqa=gqa,
-        )  # (used, H, 1, D)
+        q = q.view(used, kv_heads, heads // kv_heads, dim)  # (used, KV, G, D): a key/value head's query group
+        scores = (q @ keys[:used, :, :longest].transpose(2, 3)).float() * scaling  # (used, KV, G, T)
+        hidden = torch.arange(longest, device=query.device) >= step.lengths[:used, None]  # (used, T)
+        weights = scores.masked_fill_(hidden[:, None, None, :], float("-inf")).softmax(-1).to(values.dtype)
+        attended = (weights @ values[:used, :, :longest]).view(used, heads, 1, dim)
         out[step.decode_rows] = attended[step.decode_slots].transpose(1, 2)
 
     for chunk in step.prefills:
@@ -125,7 +127,7 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
         causal = torch.arange(end, device=query.device)[None, :] <= torch.arange(chunk.start, end, device=query.device)[:, None]
         attended = F.scaled_dot_product_attention(
             q, keys[chunk.slot : chunk.slot + 1, :, :end], values[chunk.slot : chunk.slot + 1, :, :end],
-            attn_mask=causal[None, None], scale=scaling, enable_gqa=gqa,
+            attn_mask=causal[None, None], scale=scaling, enable_gqa=heads != keys.shape[1],
         )  # (1, H, n, D)
         out[chunk.rows] = attended.permute(2, 0, 1, 3)
     return out, None

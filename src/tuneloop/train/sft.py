@@ -159,13 +159,11 @@ def _completion_trainer(row_tokens: int):
 
 
 def _bf16(on_gpu: bool, precision: str) -> bool:
-    import torch
+    from tuneloop.models import bf16_capable
 
     if precision != "auto":
         return precision == "bf16"
-    if on_gpu:
-        return torch.cuda.is_bf16_supported()
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return bf16_capable(on_gpu)
 
 
 def _quantization(cfg: TrainConfig):
