@@ -16,6 +16,11 @@ requests name MODEL_DIR as their model.
 With `--adapters K`, tuneloop is started once more with K LoRA adapters (r 16, all linear layers, small random
 weights) registered in its registry, and the requests go round-robin to the base model and the K adapters:
 `mixed_req_per_s`, and `mixed_ratio` against the single-model requests/s.
+
+With `--log`, tuneloop is measured twice on the base model: with its request log (`monitor.sample_rate` 1.0,
+personal data redacted) and without (`monitor.log_requests: false`), both servers up at once and their runs
+taken in turn, each the median of `--runs`: `log_req_per_s`, `nolog_req_per_s`, `log_ratio`, and `log_rows` against `log_rows_expected` (every
+request sent, warm-up included, must be in the log).
 Prints a final JSON line.
 """
 
@@ -50,6 +55,14 @@ LORA_B_STD = 0.02  # small enough that the adapters still answer in words, large
 
 
 # --- servers ---------------------------------------------------------------------------------------------
+
+
+def count_logged(project: Path) -> int:
+    """Rows in the request log `tuneloop serve` wrote in `project` (its default SQLite file)."""
+    import sqlite3
+
+    with sqlite3.connect(project / "runs" / "serve-load" / "requests.db") as connection:
+        return connection.execute("select count(*) from requests").fetchone()[0]
 
 
 def free_port() -> int:
@@ -119,8 +132,9 @@ def _tail(path: Path, lines: int = 30) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def write_project(project: Path, port: int, threads: int, dtype: str) -> None:
-    """A project directory for `tuneloop serve`: a config on the bundled base model; ./mlruns is its registry."""
+def write_project(project: Path, port: int, threads: int, dtype: str, log: bool | None = None) -> None:
+    """A project directory for `tuneloop serve`: a config on the bundled base model; ./mlruns is its registry.
+    `log`: request log on (sample rate 1.0, personal data redacted) or off; None: the version's default."""
     project.mkdir(parents=True, exist_ok=True)
     serve = {"port": port}
     if "threads" in ServeConfig.model_fields:  # the batching server's own setting; the older server has none
@@ -129,12 +143,14 @@ def write_project(project: Path, port: int, threads: int, dtype: str) -> None:
         serve["dtype"] = dtype
     data = load_config(demo_prompts.EXAMPLE).data.path  # serving reads no data, but a config names some
     config = {"name": "serve-load", "base_model": DEFAULT_BASE_MODEL, "data": {"path": str(data)}, "serve": serve}
+    if log is not None:
+        config["monitor"] = {"log_requests": log, "sample_rate": 1.0, "pii": "redact"}
     (project / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
 
 
-def tuneloop_server(project: Path, threads: int, dtype: str, timeout: float):
+def tuneloop_server(project: Path, threads: int, dtype: str, timeout: float, log: bool | None = None):
     port = free_port()
-    write_project(project, port, threads, dtype)
+    write_project(project, port, threads, dtype, log)
     command = [sys.executable, "-m", "tuneloop", "serve", "config.yaml"]  # `tuneloop serve` of this interpreter
     return running(command, project, server_env(threads), port, timeout)
 
@@ -269,29 +285,37 @@ async def load(base_url: str, models: list[str], prompts: list, args: argparse.N
 
     root = base_url.removesuffix("/v1")
     before = await scrape(root)
-    running = asyncio.Event()
-    health: list[float] = []
-
-    async def probe() -> None:  # /health every 100 ms while the clients run
-        async with httpx.AsyncClient(timeout=30) as http:
-            while not running.is_set():
-                sent = time.perf_counter()
-                await http.get(f"{root}/health")
-                health.append(time.perf_counter() - sent)
-                await asyncio.sleep(0.1)
-
-    prober = asyncio.create_task(probe())
+    # /health is timed from a process of its own: in this one, the clients' own work would be timed too.
+    prober = await asyncio.create_subprocess_exec(sys.executable, "-c", PROBE, f"{root}/health",
+                                                  stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    await prober.stdout.readline()  # its first answer: it is probing
     start = time.perf_counter()
     await asyncio.gather(*(client(number) for number in range(args.clients)))
     wall = time.perf_counter() - start
-    running.set()
-    await prober
+    health_max = float((await prober.communicate(b"stop\n"))[0].decode().split()[-1])
     after = await scrape(root)
     match = None
     if before is not None and after is not None:
         got = (len(answers), sum(a.completion_tokens for a in answers))
         match = got == (after[0] - before[0], after[1] - before[1])
-    return Run(wall, sorted(answers, key=lambda a: a.index), errors, max(health, default=float("nan")), match)
+    return Run(wall, sorted(answers, key=lambda a: a.index), errors, health_max, match)
+
+
+PROBE = """
+import sys, threading, time, httpx
+stop, slowest = threading.Event(), 0.0
+threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()), daemon=True).start()
+with httpx.Client(timeout=30) as http:
+    while not stop.is_set():  # GET /health every 100 ms; prints the slowest answer, in seconds
+        sent = time.perf_counter()
+        http.get(sys.argv[1])
+        took = time.perf_counter() - sent
+        if slowest == 0.0:
+            print("probing", took, flush=True)
+        slowest = max(slowest, took)
+        time.sleep(0.1)
+print(slowest, flush=True)
+"""
 
 
 async def scrape(root: str) -> tuple[float, float] | None:
@@ -318,8 +342,10 @@ def warm_up(base_url: str, models: list[str], prompts: list, args: argparse.Name
         sys.exit(f"{base_url}: warm-up failed: {run.errors[0]}")
 
 
-def measure(label: str, base_url: str, models: list[str], prompts: list, args: argparse.Namespace) -> list[Run]:
-    warm_up(base_url, models, prompts, args)
+def measure(label: str, base_url: str, models: list[str], prompts: list, args: argparse.Namespace,
+            warm: bool = True) -> list[Run]:
+    if warm:
+        warm_up(base_url, models, prompts, args)
     runs = []
     for number in range(1, args.runs + 1):
         run = asyncio.run(load(base_url, models, prompts, args))
@@ -332,6 +358,19 @@ def measure(label: str, base_url: str, models: list[str], prompts: list, args: a
         for error in run.errors[:3]:
             print(f"  {error}", file=sys.stderr)
         runs.append(run)
+    return runs
+
+
+def alternate(first: tuple[str, str], second: tuple[str, str], models: list[str], prompts: list,
+              args: argparse.Namespace) -> tuple[list[Run], list[Run]]:
+    """`measure` for two servers, their runs taken in turn (first, second, first, ...) after both warm-ups."""
+    for _, url in (first, second):
+        warm_up(url, models, prompts, args)
+    one_run = argparse.Namespace(**{**vars(args), "runs": 1})
+    runs: tuple[list[Run], list[Run]] = ([], [])
+    for _ in range(args.runs):
+        for (label, url), kept in zip((first, second), runs):
+            kept += measure(label, url, models, prompts, one_run, warm=False)
     return runs
 
 
@@ -407,6 +446,7 @@ def main() -> None:
     parser.add_argument("--skip-peer", action="store_true", help="do not run transformers serve")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of both servers")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="of both servers")
+    parser.add_argument("--log", action="store_true", help="also measure with the request log on and off")
     parser.add_argument("--startup-timeout", type=float, default=600.0)
     parser.add_argument("--request-timeout", type=float, default=600.0)
     args = parser.parse_args()
@@ -417,8 +457,15 @@ def main() -> None:
     prompts = demo_prompts.chat_prompts()
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         single_project, mixed_project = Path(tmp) / "single", Path(tmp) / "mixed"
-        with tuneloop_server(single_project, args.threads, args.dtype, args.startup_timeout) as url:
-            ours = measure("tuneloop", url, [base.name], prompts, args)
+        if args.log:  # both servers up at once, runs alternating, so drift over time hits both alike
+            with tuneloop_server(single_project, args.threads, args.dtype, args.startup_timeout, True) as url, \
+                    tuneloop_server(Path(tmp) / "nolog", args.threads, args.dtype, args.startup_timeout, False) as off:
+                ours, unlogged = alternate(("request log on", url), ("request log off", off), [base.name], prompts, args)
+            log_rows = count_logged(single_project)
+        else:
+            unlogged = None
+            with tuneloop_server(single_project, args.threads, args.dtype, args.startup_timeout) as url:
+                ours = measure("tuneloop", url, [base.name], prompts, args)
         mixed = None
         if args.adapters:
             write_project(mixed_project, free_port(), args.threads, args.dtype)
@@ -430,6 +477,13 @@ def main() -> None:
             with peer_server(base.path, Path(tmp) / "peer", args.threads, args.dtype, args.startup_timeout) as url:
                 peer = measure("transformers serve", url, [str(base.path)], prompts, args)
     result = report(args, args.threads, ours, mixed, peer)
+    if unlogged is not None:
+        on, off = summary(ours)["req_per_s"], summary(unlogged)["req_per_s"]
+        result |= {
+            "log_req_per_s": _round(on, 3), "nolog_req_per_s": _round(off, 3), "log_ratio": _round(on / off, 3),
+            "log_within_5pct": on >= 0.95 * off, "nolog_errors": summary(unlogged)["errors"],
+            "log_rows": log_rows, "log_rows_expected": args.clients * (1 + args.runs * args.requests),
+        }
     if result["completion_tokens_within_5pct"] is False:
         ratio = result["completion_tokens_ratio"]
         print(f"warning: the servers' completion tokens differ by more than 5 % (ratio {ratio})", file=sys.stderr)

@@ -4,10 +4,15 @@ SmolLM2 tokenizer and chat template, so template and masking bugs show up in sec
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
 from fastapi import Request  # module level: the stub's route annotations are resolved here
+
+# The CLI's rich consoles take their width when tuneloop.cli is first imported, which under pytest-xdist can be
+# before any test sets it: wide enough that no asserted line is wrapped.
+os.environ["COLUMNS"] = "250"
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TICKETS = Path(__file__).resolve().parents[1] / "examples" / "ticket-triage" / "data.jsonl"

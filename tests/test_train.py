@@ -48,12 +48,20 @@ def finished(process: subprocess.Popen, project: Path) -> dict:
 SLOW_RUN = "  max_steps: 24\n  batch_size: 8\n  save_steps: 4\n  eval_steps: 1000\n  learning_rate: 0.001\n"
 
 
+def prepare_in(project: Path, config: Path) -> None:
+    """`tuneloop data` in this process (the training runs below are the subprocesses that matter)."""
+    from tuneloop.config import load_config
+    from tuneloop.pipeline import prepare_data
+
+    cfg = load_config(config)
+    prepare_data(cfg.model_copy(update={"output_dir": project / cfg.run_dir}))
+
+
 def test_resume_after_sigkill_ends_at_the_same_loss(tiny_model_dir, tmp_path):
     whole_dir, killed_dir = tmp_path / "whole", tmp_path / "killed"
     for d in (whole_dir, killed_dir):
         d.mkdir()
-        config = make_project(d, tiny_model_dir, SLOW_RUN)
-        assert subprocess.run([sys.executable, "-m", "tuneloop", "data", str(config)], cwd=d).returncode == 0
+        prepare_in(d, make_project(d, tiny_model_dir, SLOW_RUN))
     uninterrupted = finished(cli("train", str(whole_dir / "config.yaml"), cwd=whole_dir), whole_dir)
 
     victim = cli("train", str(killed_dir / "config.yaml"), cwd=killed_dir)
@@ -77,7 +85,7 @@ def test_resume_after_sigkill_ends_at_the_same_loss(tiny_model_dir, tmp_path):
 
 def test_resume_without_a_checkpoint_is_a_clear_error(tiny_model_dir, tmp_path):
     config = make_project(tmp_path, tiny_model_dir, "  max_steps: 2\n")
-    assert subprocess.run([sys.executable, "-m", "tuneloop", "data", str(config)], cwd=tmp_path).returncode == 0
+    prepare_in(tmp_path, config)
     process = cli("train", str(config), "--resume", cwd=tmp_path)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 1
@@ -86,7 +94,7 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tiny_model_dir, tmp_path):
 
 def test_non_finite_loss_stops_with_a_clear_message(tiny_model_dir, tmp_path):
     config = make_project(tmp_path, tiny_model_dir, "  max_steps: 30\n  batch_size: 8\n  save_steps: 2\n  learning_rate: 1.0e+30\n")
-    assert subprocess.run([sys.executable, "-m", "tuneloop", "data", str(config)], cwd=tmp_path).returncode == 0
+    prepare_in(tmp_path, config)
     process = cli("train", str(config), cwd=tmp_path)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 1, stderr[-2000:]

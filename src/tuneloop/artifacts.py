@@ -136,3 +136,18 @@ class Promotion:
     to_version: int
     verdict: str
     forced: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class MonitorReport:
+    """Live traffic over one window (Unix times [since, until)): per served version its figures (volume,
+    errors, latency, schema validity, refusals, length and label distributions, input drift), the alerts
+    that fired, and the HTML report."""
+
+    since: float
+    until: float
+    window: str
+    versions: dict[str, dict[str, Any]]
+    alerts: list[dict[str, Any]]
+    html: Path
+    webhook_error: str | None = None

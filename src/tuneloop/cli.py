@@ -16,6 +16,8 @@ from tuneloop.errors import TuneloopError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
 registry_app = typer.Typer(no_args_is_help=True, help="Registered model versions (MLflow).")
 app.add_typer(registry_app, name="registry")
+feedback_app = typer.Typer(no_args_is_help=True, help="Ratings and corrections of served answers.")
+app.add_typer(feedback_app, name="feedback")
 console = Console()
 err_console = Console(stderr=True)
 
@@ -162,6 +164,7 @@ def serve(
     debug: DebugOpt = False,
 ) -> None:
     """OpenAI-compatible server for the base model and every registered version of it."""
+    from tuneloop import pipeline
     from tuneloop.registry import adapter_paths
     from tuneloop.serve import serve as serve_stage
     from tuneloop.serve.keys import load_api_keys
@@ -174,7 +177,12 @@ def serve(
     console.print(f"serving {', '.join([base.name, *adapters])} on http://{serve_cfg.host}:{serve_cfg.port}/v1")
     if keys is None:
         console.print("no serve.api_keys: every client is let in (fine on 127.0.0.1, not on a shared network)")
-    serve_stage(serve_cfg, base, lambda: adapter_paths(cfg.registry, base.name), keys)
+    request_log = None
+    if cfg.monitor.log_requests:
+        request_log = pipeline.open_request_log(cfg)
+        console.print(f"request log: {cfg.request_log_url} (sample rate {cfg.monitor.sample_rate:g}, "
+                      f"personal data: {cfg.monitor.pii})")
+    serve_stage(serve_cfg, base, lambda: adapter_paths(cfg.registry, base.name), keys, request_log)
 
 
 @registry_app.command("register")
@@ -266,6 +274,100 @@ def registry_history(config: ConfigArg, set: SetOpt = None, debug: DebugOpt = Fa
         moved = f"{'-' if e.from_version is None else f'v{e.from_version}'} → v{e.to_version}"
         table.add_row(e.when, e.who, e.action, moved, e.verdict, "yes" if e.forced else "")
     console.print(table)
+
+
+@app.command()
+@user_errors
+def monitor(
+    config: ConfigArg,
+    since: Annotated[str, typer.Option(help="How far back to look: 30m, 24h, 7d.")] = "24h",
+    set: SetOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Live traffic per served version against the training data; exits 4 when an alert fires."""
+    from tuneloop import pipeline
+    from tuneloop.config import parse_duration
+
+    try:
+        parse_duration(since)
+    except ValueError as err:
+        raise TuneloopError(f"--since: {err}") from None
+    cfg = _load(config, set)
+    report = pipeline.monitor_traffic(cfg, since)
+    _print_monitor(report)
+    console.print(f"report: {report.html.resolve()}")
+    if report.webhook_error:
+        err_console.print(f"[yellow]alerts not delivered:[/] {report.webhook_error}", highlight=False)
+    if report.alerts:
+        raise typer.Exit(4)
+
+
+@app.command()
+@user_errors
+def retrain(config: ConfigArg, set: SetOpt = None, debug: DebugOpt = False) -> None:
+    """Train on the corrected answers since the last retrain; register and promote only past the gate.
+    Exit codes: 0 promoted, 3 refused by the gate, 5 nothing new to train on, 1 error."""
+    from tuneloop import pipeline
+
+    cfg = _load(config, set)
+    result = pipeline.retrain(cfg, progress=console.print)
+    if result.report is not None:
+        _print_report(result.report)
+    if result.golden_report is not None:
+        console.print("production golden set:")
+        _print_report(result.golden_report)
+    console.print(result.message, highlight=False)
+    if result.outcome != "promoted":
+        raise typer.Exit(5 if result.outcome == "nothing_new" else 3)
+
+
+@feedback_app.command("add")
+@user_errors
+def feedback_add(
+    config: ConfigArg,
+    completion_id: Annotated[str, typer.Argument(help="The `id` of the served completion.", show_default=False)],
+    rating: Annotated[str, typer.Option(help="good or bad.", show_default=False)],
+    correction: Annotated[str | None, typer.Option(help="The answer it should have given.")] = None,
+    comment: Annotated[str | None, typer.Option(help="A note for whoever reads the feedback.")] = None,
+    project: Annotated[str | None, typer.Option(help="The project of the API key the request came with.")] = None,
+    set: SetOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Rate a served completion (and correct it) from the command line, as `POST /v1/feedback` does."""
+    from tuneloop import pipeline
+
+    if rating not in ("good", "bad"):
+        raise TuneloopError(f"--rating {rating!r}: expected good or bad")
+    request_log = pipeline.open_request_log(_load(config, set))
+    try:
+        stored = request_log.add_feedback(completion_id, project, rating, correction, comment)
+    finally:
+        request_log.close()
+    console.print(f"feedback {stored['id']} stored for {completion_id}")
+
+
+def _print_monitor(report) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"live traffic, last {report.window}")
+    for column in ("version", "requests", "errors", "p50 ms", "p95 ms", "schema valid", "refusals", "input drift"):
+        table.add_column(column)
+    for version, s in report.versions.items():
+        def share(value):
+            return "-" if value is None else f"{value:.1%}"
+
+        def ms(value):
+            return "-" if value is None else f"{value:.0f}"
+
+        drift = s["drift"]
+        table.add_row(version, str(s["volume"]), share(s["error_rate"]), ms(s["latency_p50_ms"]),
+                      ms(s["latency_p95_ms"]), share(s["schema_valid"]), share(s["refusal_share"]),
+                      "not tested" if drift["reason"] else "DRIFTED" if drift["drifted"] else "no")
+    console.print(table)
+    for alert in report.alerts:
+        err_console.print(f"[bold red]alert:[/] {alert['message']}", highlight=False)
+    if not report.alerts:
+        console.print("no alert fired")
 
 
 def _os_user() -> str:

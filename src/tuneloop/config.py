@@ -373,6 +373,78 @@ class ServeConfig(Section):
     )
 
 
+AlertMetric = Literal[
+    "volume", "error_rate", "latency_p50_ms", "latency_p95_ms", "schema_valid", "refusal_share", "drift_p_value"
+]
+
+
+class AlertRule(Section):
+    metric: AlertMetric = Field(description="What the rule watches, per served version over its window.")
+    below: float | None = Field(default=None, description="Fire when the metric is below this.")
+    above: float | None = Field(default=None, description="Fire when the metric is above this.")
+    window: str = Field(default="1h", description="How far back the rule looks, e.g. 30m, 1h, 7d.")
+    min_requests: int = Field(default=1, ge=1, description="Stay quiet while the window holds fewer requests.")
+
+    @field_validator("window")
+    @classmethod
+    def _window_is_a_duration(cls, value: str) -> str:
+        parse_duration(value)
+        return value
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> AlertRule:
+        if (self.below is None) == (self.above is None):
+            raise ValueError("an alert rule needs exactly one of `below` and `above`")
+        return self
+
+
+class MonitorConfig(Section):
+    log_requests: bool = Field(
+        default=True, description="`tuneloop serve` writes the request log (off: no log, and no feedback)."
+    )
+    log_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL of the request log; default: SQLite in <run_dir>/requests.db. A "
+        "postgresql+psycopg:// URL lets several servers share one log.",
+    )
+    sample_rate: float = Field(
+        default=1.0, ge=0.0, le=1.0,
+        description="Share of requests whose prompt and answer are kept; the rest keep only id, version, "
+        "timing and token counts.",
+    )
+    pii: Literal["redact", "drop", "keep"] = Field(
+        default="redact",
+        description="Personal data in logged prompts and answers: replaced by [KIND], the text not kept, or kept.",
+    )
+    retention_days: float = Field(default=30.0, gt=0, description="Log rows older than this are deleted.")
+    drift_false_alarm_rate: float = Field(
+        default=0.01, gt=0.0, lt=0.5, description="Chance that the input-drift test fires on traffic that did not drift."
+    )
+    alert_on_drift: bool = Field(default=True, description="Input drift detected in the window is an alert.")
+    alerts: list[AlertRule] = Field(default_factory=list, description="Alert rules checked by `tuneloop monitor`.")
+    webhook_url: str | None = Field(default=None, description="Alerts are POSTed here as JSON.")
+
+
+class RetrainConfig(Section):
+    include_good: bool = Field(
+        default=False, description="Train on answers rated good as they were given, besides corrected answers."
+    )
+    golden_share: float = Field(
+        default=0.2, ge=0.0, lt=1.0,
+        description="Share of feedback rows kept out of training as the production golden set (by a seeded hash).",
+    )
+    golden_min_rows: int = Field(default=50, gt=0, description="The golden set joins the gate from this many rows.")
+    seed: int = Field(default=0, description="Seed of the hash that sends a feedback row to training or golden.")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in `30s`, `15m`, `24h` or `7d`."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*", text)
+    if match is None:
+        raise ValueError(f"{text!r} is not a duration like 30m, 24h or 7d")
+    return float(match[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match[2]]
+
+
 class RunConfig(Section):
     name: str = Field(description="Name of the task; names the run directory and the registered model.")
     base_model: str = Field(
@@ -389,10 +461,16 @@ class RunConfig(Section):
     eval: EvalConfig = EvalConfig()
     registry: RegistryConfig = RegistryConfig()
     serve: ServeConfig = ServeConfig()
+    monitor: MonitorConfig = MonitorConfig()
+    retrain: RetrainConfig = RetrainConfig()
 
     @property
     def run_dir(self) -> Path:
         return self.output_dir or Path("runs") / self.name
+
+    @property
+    def request_log_url(self) -> str:
+        return self.monitor.log_url or f"sqlite:///{(self.run_dir / 'requests.db').resolve()}"
 
     @property
     def model_name(self) -> str:

@@ -162,7 +162,7 @@ def embedding_similarity(answers: list[str], references: list[str]) -> list[floa
     """Cosine similarity of each answer to its reference under all-MiniLM-L6-v2, clipped to [0, 1]."""
     import numpy as np
 
-    model = _embedder()
+    model = embedding_model()
     a = model.encode(answers, batch_size=32, normalize_embeddings=True, convert_to_numpy=True)  # (N, 384)
     r = model.encode(references, batch_size=32, normalize_embeddings=True, convert_to_numpy=True)  # (N, 384)
     return np.clip((a * r).sum(axis=1), 0.0, 1.0).astype(float).tolist()
@@ -182,7 +182,8 @@ def embedding_model_dir() -> Path:
 
 
 @lru_cache(maxsize=1)
-def _embedder():
+def embedding_model():
+    """all-MiniLM-L6-v2 as a SentenceTransformer on the CPU, loaded once per process."""
     from sentence_transformers import SentenceTransformer
 
     return SentenceTransformer(str(embedding_model_dir()), device="cpu", local_files_only=True)

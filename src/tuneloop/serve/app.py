@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -28,6 +29,7 @@ from tuneloop.serve.engine import (
     UnknownModelError,
 )
 from tuneloop.serve.metrics import ServingMetrics
+from tuneloop.serve.request_log import RequestLog, RequestRecord, UnknownCompletionError
 from tuneloop.serve.protocol import (
     AssistantMessage,
     ChatCompletion,
@@ -39,6 +41,8 @@ from tuneloop.serve.protocol import (
     Delta,
     ErrorDetail,
     ErrorResponse,
+    Feedback,
+    FeedbackRequest,
     ModelCard,
     ModelList,
     TextChoice,
@@ -63,16 +67,20 @@ def create_app(
     cfg: ServeConfig | None = None,
     api_keys: dict[str, str] | None = None,
     versions: Callable[[], list[ServedModel]] | None = None,
+    request_log: RequestLog | None = None,
 ) -> FastAPI:
     """The app serving `engine`'s models under `cfg` (defaults when None). With `api_keys` (key -> project)
     every /v1 route needs `Authorization: Bearer <key>`; the key's project is `request.state.project`.
-    With `versions`, what the registry serves now, the engine follows it every `serve.reload_interval`."""
+    With `versions`, what the registry serves now, the engine follows it every `serve.reload_interval`.
+    With `request_log`, every request is logged there and `/v1/feedback` stores ratings beside it."""
     cfg = cfg or ServeConfig()
     metrics = ServingMetrics()
     in_flight = [0]  # requests accepted and not yet over, all models
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        if request_log is not None:
+            request_log.start()
         await engine.start()
         follower = None
         if versions is not None and cfg.reload_interval > 0:
@@ -81,6 +89,8 @@ def create_app(
         if follower is not None:
             follower.cancel()
         await engine.close()
+        if request_log is not None:
+            await asyncio.to_thread(request_log.close)
 
     app = FastAPI(title="tuneloop", lifespan=lifespan)
     app.add_middleware(BodyLimit, max_bytes=cfg.max_request_bytes)
@@ -95,13 +105,18 @@ def create_app(
         request.state.project = api_keys[key.strip()]
         return request.state.project
 
-    def admit(model: str, generation) -> AsyncIterator[str | Completion]:
+    def admit(served: ServedModel, generation, reply_id: str, client: str | None, prompt) -> AsyncIterator:
         in_flight[0] += 1
 
         def over() -> None:
             in_flight[0] -= 1
 
-        return metrics.track(model, generation, on_end=over)
+        tracked = metrics.track(served.name, generation, on_end=over)
+        if request_log is None:
+            return tracked
+        record = RequestRecord(id=reply_id, created=time.time(), project=client, model=served.name,
+                               version=_version_name(engine, served), prompt=prompt)
+        return request_log.trace(tracked, record)
 
     def check_capacity() -> None:
         if in_flight[0] >= cfg.max_batch_size + cfg.max_queue:
@@ -134,6 +149,10 @@ def create_app(
         metrics.rejected.labels("404").inc()
         return _error(404, str(err), param="model", code="model_not_found")
 
+    @app.exception_handler(UnknownCompletionError)
+    async def unknown_completion(request: Request, err: UnknownCompletionError) -> JSONResponse:
+        return _error(404, str(err), param="completion_id", code="completion_not_found")
+
     @app.exception_handler(InvalidRequestError)
     async def cannot_answer(request: Request, err: InvalidRequestError) -> JSONResponse:
         metrics.rejected.labels("400").inc()
@@ -164,19 +183,22 @@ def create_app(
         root = models[0].name
         return ModelList(data=[ModelCard(id=m.name, created=started, root=root, parent=m.parent) for m in models])
 
-    @app.post("/v1/chat/completions", response_model=None, dependencies=[Depends(project)])
-    async def chat_completions(body: ChatCompletionRequest) -> ChatCompletion | StreamingResponse:
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(
+        body: ChatCompletionRequest, client: str | None = Depends(project)
+    ) -> ChatCompletion | StreamingResponse:
         served = _served(engine, _checked(body).model)
-        messages = with_system_prompt([m.as_chat() for m in body.messages], served)
+        sent = [m.as_chat() for m in body.messages]
+        messages = with_system_prompt(sent, served)
         requested = body.response_format
         answer_format = response_format(requested.as_dict() if requested else None, served, cfg)
         max_tokens = body.max_completion_tokens or body.max_tokens
         sampling = _sampling(cfg, body, max_tokens, "max_completion_tokens" if body.max_completion_tokens else "max_tokens")
         check_capacity()
-        generation = admit(body.model, engine.generate(
-            EngineRequest(body.model, sampling, messages=messages, response_format=answer_format)
-        ))
         reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        generation = admit(served, engine.generate(
+            EngineRequest(body.model, sampling, messages=messages, response_format=answer_format)
+        ), reply_id, client, sent)
         if body.stream:
             head = ChatCompletionChunk(id=reply_id, created=created, model=body.model, choices=[])
             return _event_stream(_chat_chunks(await _started(generation), head, body.include_usage))
@@ -187,18 +209,29 @@ def create_app(
             choices=[Choice(message=message, finish_reason=done.finish_reason)], usage=_usage(done),
         )
 
-    @app.post("/v1/completions", response_model=None, dependencies=[Depends(project)])
-    async def completions(body: CompletionRequest) -> TextCompletion | StreamingResponse:
-        _served(engine, _checked(body).model)
+    @app.post("/v1/completions", response_model=None)
+    async def completions(
+        body: CompletionRequest, client: str | None = Depends(project)
+    ) -> TextCompletion | StreamingResponse:
+        served = _served(engine, _checked(body).model)
         sampling = _sampling(cfg, body, body.max_tokens, "max_tokens")
         check_capacity()
-        generation = admit(body.model, engine.generate(EngineRequest(body.model, sampling, prompt=body.prompt_text)))
         head = TextCompletion(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=body.model, choices=[])
+        generation = admit(served, engine.generate(EngineRequest(body.model, sampling, prompt=body.prompt_text)),
+                           head.id, client, body.prompt_text)
         if body.stream:
             return _event_stream(_text_chunks(await _started(generation), head, body.include_usage))
         text, done = await _collect(generation)
         choice = TextChoice(text=text, finish_reason=done.finish_reason)
         return head.model_copy(update={"choices": [choice], "usage": _usage(done)})
+
+    @app.post("/v1/feedback")
+    async def feedback(body: FeedbackRequest, client: str | None = Depends(project)) -> Feedback:
+        if request_log is None:
+            raise UnknownCompletionError("this server keeps no request log, so it takes no feedback")
+        stored = await asyncio.to_thread(request_log.add_feedback, body.completion_id, client, body.rating,
+                                         body.correction, body.comment)
+        return Feedback(**{k: v for k, v in stored.items() if k not in ("project", "pii_found")})
 
     return app
 
@@ -255,6 +288,14 @@ async def _follow_registry(engine: Engine, versions: Callable[[], list[ServedMod
             served = [(m.name, m.path) for m in wanted]
         except Exception:  # noqa: BLE001 - a registry that cannot be read now may be readable at the next look
             log.exception("could not follow the registry; still serving the versions loaded before")
+
+
+def _version_name(engine: Engine, served: ServedModel) -> str:
+    """The numbered name of the version a bare model name serves now (`<model>-v<N>`), else the name itself."""
+    if served.kind == "base":
+        return served.name
+    numbered = re.compile(rf"{re.escape(served.name)}-v\d+")
+    return next((m.name for m in engine.models() if m.path == served.path and numbered.fullmatch(m.name)), served.name)
 
 
 def _served(engine: Engine, name: str):

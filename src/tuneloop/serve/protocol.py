@@ -264,3 +264,22 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+class FeedbackRequest(Incoming):
+    """A rating of one completion, by its id, with an optional corrected answer (the next training row)."""
+
+    completion_id: str = Field(min_length=1, max_length=64)
+    rating: Literal["good", "bad"]
+    correction: str | None = None
+    comment: str | None = None
+
+
+class Feedback(BaseModel):
+    id: str
+    object: Literal["feedback"] = "feedback"
+    completion_id: str
+    created: float
+    rating: Literal["good", "bad"]
+    correction: str | None = None
+    comment: str | None = None

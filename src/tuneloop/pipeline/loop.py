@@ -1,7 +1,7 @@
-"""The loop as functions: data -> baseline eval -> train -> eval -> gate -> register, and the stage steps it is
-made of. The CLI, the tests and the jobs API call these and print or return what comes back; the gate policy,
-which candidate is scored, the production opponent, the local/distributed switch and each run's dataset
-version (with its lineage) are decided here and nowhere else.
+"""The loop's steps: data -> baseline eval -> train -> eval -> gate -> register, and `run`, which chains them;
+promotion and rollback of registered versions. The gate policy, which candidate is scored, the production
+opponent, the local/distributed switch and each run's dataset version (with its lineage) are decided here
+and nowhere else.
 
 Like `cli.py`, whose logic this is, it reads the environment: the API keys the config names, and the
 LOCAL_RANK that `accelerate launch` sets in the processes it starts."""
@@ -27,9 +27,10 @@ if TYPE_CHECKING:
 
 Progress = Callable[[str], None]  # receives one line of progress at a time, e.g. `rich.console.Console.print`
 DATASET_VERSION = "dataset_version.json"
+MAX_TAG_CHARS = 5000  # MLflow keeps tag values up to 8000 characters; leave room
 
 
-def _silent(line: str) -> None:
+def silent(line: str) -> None:
     """Progress for callers that show none."""
 
 
@@ -43,6 +44,9 @@ class DatasetVersion:
     counts: dict[str, int]
     split_hashes: dict[str, str]
     parent: str | None = None
+    # Request ids of the feedback rows this version added to training, and of those held out as golden.
+    feedback: list[str] = dataclasses.field(default_factory=list)
+    golden: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +62,7 @@ class RunResult:
     refusal: str | None = None
 
 
-def run(cfg: RunConfig, progress: Progress = _silent) -> RunResult:
+def run(cfg: RunConfig, progress: Progress = silent) -> RunResult:
     """Whole loop: prepare the data, score the baseline, train, score the fine-tune against the baselines
     (and the production version), and register it unless the gate refuses it."""
     from tuneloop.evaluate import evaluate
@@ -66,16 +70,16 @@ def run(cfg: RunConfig, progress: Progress = _silent) -> RunResult:
     base = resolve_base(cfg)
     data, dataset_version = prepare_data(cfg, base, progress)
     progress("1/3 evaluating the baseline (base model, same system prompt)")
-    evaluate(cfg.eval, data, base, None, cfg.run_dir, judge=_judge(cfg))
+    evaluate(cfg.eval, data, base, None, cfg.run_dir, judge=judge_for(cfg))
     progress(f"2/3 training a LoRA adapter on {data.counts['train']} rows")
     adapter = train_adapter(cfg, data, base)
     progress("3/3 evaluating the fine-tuned model on the same test rows")
     production = production_opponent(cfg, base, adapter.dir, progress)
-    report = evaluate(cfg.eval, data, base, adapter, cfg.run_dir, production=production, judge=_judge(cfg))
+    report = evaluate(cfg.eval, data, base, adapter, cfg.run_dir, production=production, judge=judge_for(cfg))
     refusal = gate_refusal(report, cfg.eval.enforce_gate)
     if refusal is not None:  # not registered, so never served
         return RunResult(data, dataset_version, adapter, report, None, refusal)
-    version = _register(cfg, adapter, report, data, dataset_version)
+    version = register_version(cfg, adapter, report, data, dataset_version)
     return RunResult(data, dataset_version, adapter, report, version)
 
 
@@ -86,13 +90,14 @@ def resolve_base(cfg: RunConfig) -> BaseModelRef:
 
 
 def prepare_data(
-    cfg: RunConfig, base: BaseModelRef | None = None, progress: Progress = _silent
+    cfg: RunConfig, base: BaseModelRef | None = None, progress: Progress = silent, **lineage
 ) -> tuple[Dataset, DatasetVersion]:
-    """Validate, clean and split the examples under `run_dir/data`, and record the dataset version there."""
+    """Validate, clean and split the examples under `run_dir/data`, and record the dataset version there
+    (with `lineage`: the parent dataset and feedback rows of a retrain)."""
     from tuneloop.data import prepare
 
     data = prepare(cfg.data, cfg.run_dir, base or resolve_base(cfg))
-    version = _record_version(cfg, data)
+    version = record_version(cfg, data, **lineage)
     c = data.counts
     progress(
         f"data: read {c['read']} rows, rejected {c['rejected']}, duplicates removed {c['duplicates_removed']}, "
@@ -104,7 +109,7 @@ def prepare_data(
     return data, version
 
 
-def _record_version(cfg: RunConfig, data: Dataset) -> DatasetVersion:
+def record_version(cfg: RunConfig, data: Dataset, **lineage) -> DatasetVersion:
     from tuneloop.data.load import data_files
 
     files = data_files(cfg.data.path) + (data_files(cfg.data.test_path) if cfg.data.test_path is not None else [])
@@ -113,7 +118,7 @@ def _record_version(cfg: RunConfig, data: Dataset) -> DatasetVersion:
         sources={str(file): _sha256(file) for file in files},
         counts={k: v for k, v in data.counts.items() if isinstance(v, int)},
         split_hashes=data.split_hashes,
-        parent=None,  # every dataset is read from its source files so far
+        **lineage,  # parent, feedback and golden, for a dataset made by `retrain`
     )
     text = json.dumps(dataclasses.asdict(version), indent=2, sort_keys=True) + "\n"
     (data.dir / DATASET_VERSION).write_text(text, encoding="utf-8")
@@ -135,6 +140,13 @@ def lineage_tags(version: DatasetVersion) -> dict[str, str]:
     tags = {"lineage.dataset": version.hash, "lineage.sources": json.dumps(version.sources, sort_keys=True)}
     if version.parent is not None:
         tags["lineage.parent"] = version.parent
+    if version.feedback:
+        tags["lineage.feedback_rows"] = str(len(version.feedback))
+        listed = ",".join(version.feedback)
+        if len(listed) > MAX_TAG_CHARS:  # the whole list stays in the dataset version file
+            cut = listed[:MAX_TAG_CHARS].rsplit(",", 1)[0]
+            listed = f"{cut},... (+{len(version.feedback) - cut.count(',') - 1} more in {DATASET_VERSION})"
+        tags["lineage.feedback"] = listed
     return tags
 
 
@@ -184,7 +196,7 @@ def train_adapter(
 
 
 def evaluate_run(
-    cfg: RunConfig, model: str | None = None, baseline_only: bool = False, progress: Progress = _silent
+    cfg: RunConfig, model: str | None = None, baseline_only: bool = False, progress: Progress = silent
 ) -> EvalReport:
     """Score the baselines and a candidate on the run's test split: `model` as `resolve_candidate` reads it,
     or by default the run's trained adapter; with `baseline_only`, no candidate."""
@@ -200,7 +212,7 @@ def evaluate_run(
         production = production_opponent(cfg, base, target if target is not None else adapter.dir, progress)
     name = None if model is None else f"{cfg.eval.endpoint.model} (endpoint)" if model == "endpoint" else model
     return evaluate(cfg.eval, load_dataset(cfg), base, adapter, cfg.run_dir, model=target, production=production,
-                    judge=_judge(cfg), candidate_name=name)
+                    judge=judge_for(cfg), candidate_name=name)
 
 
 def resolve_candidate(cfg: RunConfig, base: BaseModelRef, spec: str | None) -> Path | Endpoint | None:
@@ -230,7 +242,7 @@ def resolve_candidate(cfg: RunConfig, base: BaseModelRef, spec: str | None) -> P
 
 
 def production_opponent(
-    cfg: RunConfig, base: BaseModelRef, candidate: Path | Endpoint, progress: Progress = _silent
+    cfg: RunConfig, base: BaseModelRef, candidate: Path | Endpoint, progress: Progress = silent
 ) -> Path | None:
     """The adapter of the version with the `production` alias, when there is one on this base model and it
     is not the candidate itself."""
@@ -270,10 +282,10 @@ def register_adapter(cfg: RunConfig) -> ModelVersion:
     if refusal is not None:
         raise TuneloopError(refusal)
     data = load_dataset(cfg)
-    return _register(cfg, adapter, report, data, dataset_version(data))
+    return register_version(cfg, adapter, report, data, dataset_version(data))
 
 
-def _register(
+def register_version(
     cfg: RunConfig, adapter: Adapter, report: EvalReport, data: Dataset, version: DatasetVersion | None
 ) -> ModelVersion:
     from tuneloop.registry import register
@@ -329,7 +341,7 @@ def _check_loads(cfg: RunConfig, base: BaseModelRef, version: ModelVersion, verb
                             f"{verb}: {err}") from None
 
 
-def _judge(cfg: RunConfig) -> Judge | None:
+def judge_for(cfg: RunConfig) -> Judge | None:
     if cfg.eval.judge is None:
         return None
     from tuneloop.evaluate.judge import Judge
@@ -343,22 +355,3 @@ def _secret(variable: str | None) -> str | None:
     if not os.environ.get(variable):
         raise TuneloopError(f"environment variable {variable} (the API key) is not set")
     return os.environ[variable]
-
-
-__all__ = [
-    "DatasetVersion",
-    "RunResult",
-    "dataset_version",
-    "evaluate_run",
-    "gate_refusal",
-    "lineage_tags",
-    "prepare_data",
-    "production_opponent",
-    "promote_version",
-    "register_adapter",
-    "resolve_base",
-    "resolve_candidate",
-    "rollback_version",
-    "run",
-    "train_adapter",
-]
