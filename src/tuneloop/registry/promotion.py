@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
+import uuid
 from datetime import datetime, timezone
 from typing import Literal
 
@@ -15,7 +17,7 @@ from tuneloop.errors import TuneloopError
 from tuneloop.registry.store import PRODUCTION, _client, _exists, _numbered_version, production_version
 
 # One history entry per registered-model tag (a tag value is limited, a history is not): this prefix and a
-# zero-padded sequence number, so that the tags sort in the order they were written.
+# key that sorts in the order the entries were written (an older registry's keys are numbers: they sort first).
 HISTORY = "tuneloop.history."
 
 
@@ -103,8 +105,8 @@ def _move(
     )
     # The alias first: a history entry must never claim a move that did not happen.
     client.set_registered_model_alias(target.name, PRODUCTION, str(target.version))
-    written = [int(key.removeprefix(HISTORY)) for key in client.get_registered_model(target.name).tags
-               if key.startswith(HISTORY)]
-    key = f"{HISTORY}{max(written, default=0) + 1:06d}"
+    # Nanoseconds since the epoch, then a random part: sorts in time order, and two moves at once (two
+    # machines, one registry) never write the same key, with no lock to hold.
+    key = f"{HISTORY}{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
     client.set_registered_model_tag(target.name, key, json.dumps(dataclasses.asdict(entry), sort_keys=True))
     return entry

@@ -40,8 +40,10 @@ CONTROL_TIMEOUT = httpx.Timeout(30.0)
 GENERATION_TIMEOUT = httpx.Timeout(30.0, read=None)
 
 
-def vllm_command(cfg: ServeConfig, base: ServedModel, versions: list[ServedModel]) -> list[str]:
-    """The command starting vLLM's OpenAI server on loopback for `base`, with the adapters `versions` loaded."""
+def vllm_command(cfg: ServeConfig, base: ServedModel) -> list[str]:
+    """The command starting vLLM's OpenAI server on loopback for `base`, ready to load adapters at run time.
+    None is named on the command line: vLLM exits when one of its `--lora-modules` fails to load, while the
+    runtime endpoint refuses that one adapter and serves the rest."""
     vllm = cfg.vllm
     command = [
         *vllm.command,
@@ -53,10 +55,6 @@ def vllm_command(cfg: ServeConfig, base: ServedModel, versions: list[ServedModel
         "--max-loras", str(vllm.max_loras),
         "--max-lora-rank", str(vllm.max_lora_rank),
     ]  # fmt: skip
-    if versions:
-        # vLLM's JSON form of a module names the parent, which /v1/models then reports.
-        modules = [json.dumps({"name": v.name, "path": str(v.path), "base_model_name": base.name}) for v in versions]
-        command += ["--lora-modules", *modules]
     return [*command, *vllm.extra_args]
 
 
@@ -89,7 +87,7 @@ class VllmEngine:
         port = self.cfg.vllm.port
         if _port_taken(port):
             raise TuneloopError(f"port {port} (serve.vllm.port) is in use already; stop what listens there or pick one")
-        command = vllm_command(self.cfg, self.base, self._versions)
+        command = vllm_command(self.cfg, self.base)
         logger.info("starting vLLM: %s", shlex.join(command))
         try:
             self._process = await asyncio.create_subprocess_exec(
