@@ -109,3 +109,18 @@ monitor:
     (payload,) = received
     assert payload["alerts"][0]["metric"] == "latency_p95_ms" and payload["window"] == "2h"
     assert (tmp_path / "runs" / "t" / "monitor" / "monitor_report.html").is_file()
+
+
+def test_only_the_configs_model_is_looked_at_and_its_serving_version_even_without_traffic(tmp_path, profile):
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    write_log(url, [{"version": "triage-v1", "prompt": user("hi"), "answer": "{}"},
+                    {"version": "other-v1", "prompt": user("hi"), "answer": "{}"},
+                    {"version": "smollm2-135m-instruct", "prompt": user("hi"), "answer": "hello"}])
+    cfg = MonitorConfig(alerts=[AlertRule(metric="volume", below=1, window="1h")])
+
+    report = monitor(cfg, url, profile, {}, tmp_path / "m", "1h", model="triage", expected=("triage-v2",))
+
+    assert set(report.versions) == {"triage-v1", "triage-v2"}
+    assert report.versions["triage-v2"]["volume"] == 0 and report.versions["triage-v2"]["latency_p95_ms"] is None
+    assert [(a["version"], a["metric"]) for a in report.alerts] == [("triage-v2", "volume")]  # the traffic stopped
+    assert "got 100 held-out and 1 live" in report.versions["triage-v1"]["drift"]["reason"]

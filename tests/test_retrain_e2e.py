@@ -163,9 +163,18 @@ def test_feedback_retrain_promote_monitor_rollback(served, monkeypatch, tmp_path
     for reply, row in zip(more, LIVE[12:16]):
         httpx.post(f"{url}/feedback", json={"completion_id": reply.id, "rating": "bad",
                                             "correction": row["messages"][-1]["content"]}, timeout=30)
+    # A completion trained on before is corrected again: its newest correction replaces the earlier row.
+    again = lineage["feedback"][0]
+    assert httpx.post(f"{url}/feedback", json={"completion_id": again, "rating": "bad", "correction": "{}"},
+                      timeout=30).status_code == 200
     answers_like(monkeypatch, None)
     refused = cli("retrain", "config.yaml")
     assert refused.exit_code == 3 and "not registered or promoted" in refused.output
+    pool = run_dir / "retrain" / "002" / "sources" / "pool"
+    fed = [json.loads(line) for line in (pool / "feedback.jsonl").read_text().splitlines()]
+    assert [(e["completion_id"], e["messages"][-1]["content"]) for e in fed if e["completion_id"] == again] == [
+        (again, "{}")]
+    assert corrections[again] not in (pool / "previous.jsonl").read_text()
     assert [v.version for v in list_versions(cfg.registry, "triage")] == [2, 1]
     assert production_version(cfg.registry, "triage").version == 1
 

@@ -144,9 +144,10 @@ def test_pii_drop_keeps_the_row_but_not_the_text(tmp_path):
     request_log.start()
     for i, prompt in enumerate(["no personal data here", f"mail {SECRETS[0]}"]):
         request_log.record(RequestRecord(id=f"r{i}", created=time.time(), project=None, model="m", version="m-v1",
-                                         prompt=[{"role": "user", "content": prompt}], answer="ok", status=200))
+                                         prompt=[{"role": "user", "content": prompt}], answer="o\x00k", status=200))
     request_log.close()
     rows = {r["id"]: r for r in read_requests(connect(f"sqlite:///{tmp_path / 'log.db'}"), since=0)}
+    # NUL characters are dropped (PostgreSQL's text cannot hold them)
     assert rows["r0"]["prompt"][0]["content"] == "no personal data here" and rows["r0"]["answer"] == "ok"
     assert rows["r1"]["prompt"] is None and rows["r1"]["answer"] is None and rows["r1"]["pii_found"] == 1
 

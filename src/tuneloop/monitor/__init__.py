@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +29,23 @@ def monitor(
     out: Path,
     window: str = "24h",
     now: float | None = None,
+    model: str | None = None,
+    expected: tuple[str, ...] = (),
 ) -> MonitorReport:
     """Figures per served version over the last `window` of the request log at `log_url`, compared with
     `profile` (the training data) and each version's answer schema (`schemas`, by version name); the alert
-    rules over their own windows; the report as `out/monitor_report.html`, alerts also to the webhook."""
+    rules over their own windows; the report as `out/monitor_report.html`, alerts also to the webhook.
+    With `model`, only its versions (`<model>` and `<model>-v<N>`) are looked at: a log holds the traffic of
+    every model a server serves. The `expected` versions are reported even without traffic (volume 0)."""
     now = time.time() if now is None else now
     spans = {window: parse_duration(window), **{r.window: parse_duration(r.window) for r in cfg.alerts}}
     rows = read_requests(connect(log_url), since=now - max(spans.values()), until=now)
+    if model is not None:
+        own = re.compile(rf"{re.escape(model)}(?:-v\d+)?")
+        rows = [row for row in rows if own.fullmatch(row["version"])]
     drift = _DriftCheck(profile, cfg.drift_false_alarm_rate, rows)
-    figures = {name: _by_version(rows, now - seconds, schemas, profile, drift) for name, seconds in spans.items()}
+    figures = {name: _by_version(rows, now - seconds, schemas, profile, drift, expected)
+               for name, seconds in spans.items()}
 
     alerts = [alert for rule in cfg.alerts for alert in fired(rule, figures[rule.window])]
     if cfg.alert_on_drift:
@@ -70,7 +78,9 @@ class _DriftCheck:
         if min(len(ids), len(reference)) < MIN_PROMPTS:  # too few to test: no embeddings needed
             empty = np.zeros((0, 1))
             result = input_drift(empty, empty, [], [], self.alpha)
-            return dataclasses.replace(result, reference_size=len(reference), live_size=len(ids)).__dict__
+            reason = (f"not tested: needs at least {MIN_PROMPTS} prompts on each side, got {len(reference)} "
+                      f"held-out and {len(ids)} live")
+            return dataclasses.replace(result, reference_size=len(reference), live_size=len(ids), reason=reason).__dict__
         if self._vectors is None:
             order = list(self.texts)
             self._vectors = dict(zip(order, prompt_embeddings([self.texts[i] for i in order])))
@@ -79,11 +89,12 @@ class _DriftCheck:
         return input_drift(self._reference, live, reference_lengths, live_lengths, self.alpha).__dict__
 
 
-def _by_version(rows, since: float, schemas, profile: TrainingProfile, drift: _DriftCheck) -> dict[str, dict]:
-    grouped: dict[str, list[dict]] = defaultdict(list)
+def _by_version(rows, since: float, schemas, profile: TrainingProfile, drift: _DriftCheck,
+                expected: tuple[str, ...]) -> dict[str, dict]:
+    grouped: dict[str, list[dict]] = {version: [] for version in expected}
     for row in rows:
         if row["created"] >= since:
-            grouped[row["version"]].append(row)
+            grouped.setdefault(row["version"], []).append(row)
     figures = {}
     for version in sorted(grouped):
         stats = version_quality(grouped[version], schemas.get(version), profile)

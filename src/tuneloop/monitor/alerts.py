@@ -13,7 +13,8 @@ def fired(rule: AlertRule, versions: dict[str, dict[str, Any]]) -> list[dict[str
     alerts = []
     for version, stats in versions.items():
         value = stats.get(rule.metric)
-        if value is None or stats["volume"] < rule.min_requests:
+        # A volume rule speaks exactly when traffic is thin; the others wait for enough requests.
+        if value is None or (rule.metric != "volume" and stats["volume"] < rule.min_requests):
             continue
         if (rule.below is not None and value < rule.below) or (rule.above is not None and value > rule.above):
             bound = f"below {rule.below:g}" if rule.below is not None else f"above {rule.above:g}"
@@ -50,6 +51,6 @@ def post_webhook(url: str, payload: dict[str, Any]) -> str | None:
     try:
         response = httpx.post(url, json=payload, timeout=10)
         response.raise_for_status()
-    except httpx.HTTPError as err:
+    except (httpx.HTTPError, httpx.InvalidURL) as err:
         return f"webhook {url}: {err}"
     return None

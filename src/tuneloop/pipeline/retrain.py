@@ -76,17 +76,19 @@ def _retrain(cfg: RunConfig, progress: Progress) -> RetrainResult:
     from tuneloop.serve.request_log import connect, read_feedback
 
     done = _finished_retrains(cfg)
-    seen = {json.loads(line)["completion_id"] for d in done for line in _lines(d / "sources" / "pool" / "feedback.jsonl")}
+    # By feedback row: a completion corrected again after a retrain brings its new correction in.
+    seen = {json.loads(line)["feedback_id"] for d in done for line in _lines(d / "sources" / "pool" / "feedback.jsonl")}
     examples = feedback_examples(read_feedback(connect(cfg.request_log_url)), cfg.model_name,
                                  cfg.retrain.include_good, cfg.retrain.golden_share, cfg.retrain.seed)
-    new = [e for e in examples.train if e["completion_id"] not in seen]
+    new = [e for e in examples.train if e["feedback_id"] not in seen]
     skipped = dict(sorted(examples.skipped.items()))
     progress(f"feedback: {len(new)} new training rows ({len(examples.train) - len(new)} used before), "
              f"{len(examples.golden)} golden rows; skipped {skipped or 'none'}")
     if not new:
         return RetrainResult("nothing_new", "nothing new to train on: no corrected answer since the last retrain",
                              skipped=skipped)
-    out = cfg.run_dir / RETRAINS / f"{len(list((cfg.run_dir / RETRAINS).glob('[0-9]*'))) + 1:03d}"
+    numbers = [int(d.name) for d in (cfg.run_dir / RETRAINS).glob("[0-9]*") if d.name.isdigit()]
+    out = cfg.run_dir / RETRAINS / f"{max(numbers, default=0) + 1:03d}"
     run_cfg, data, version = _next_dataset(cfg, out, new, examples.golden, progress)
     result = RetrainResult("nothing_new", "", out, version, skipped=skipped)
     if not version.feedback:
@@ -105,7 +107,11 @@ def _next_dataset(cfg: RunConfig, out: Path, new: list[dict], golden: list[dict]
     previous = latest_dataset(cfg)
     pool = out / "sources" / "pool"
     pool.mkdir(parents=True)
-    (pool / "previous.jsonl").write_text(previous.train.read_text("utf-8") + previous.val.read_text("utf-8"), "utf-8")
+    # A prompt corrected again is trained on its newest answer only: the earlier row of that prompt goes.
+    corrected = {_asked(e["messages"]) for e in new}
+    carried = [line for split in (previous.train, previous.val) for line in _lines(split)]
+    kept = [line for line in carried if _asked(json.loads(line)["messages"]) not in corrected]
+    (pool / "previous.jsonl").write_text("".join(line + "\n" for line in kept), "utf-8")
     (pool / "feedback.jsonl").write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in new), "utf-8")
     frozen = out / "sources" / "test.jsonl"
     frozen.write_text(previous.test.read_text("utf-8"), "utf-8")
@@ -116,7 +122,8 @@ def _next_dataset(cfg: RunConfig, out: Path, new: list[dict], golden: list[dict]
     version = record_version(run_cfg, data, parent=previous.hash, feedback=went_in,
                              golden=[e["completion_id"] for e in golden])
     progress(f"dataset {data.hash[:12]} from {previous.hash[:12]} + {len(went_in)} feedback rows "
-             f"({len(new) - len(went_in)} removed by the data stage: {data.dir / 'removed.jsonl'})")
+             f"({len(new) - len(went_in)} removed by the data stage: {data.dir / 'removed.jsonl'}; "
+             f"{len(carried) - len(kept)} earlier rows replaced by a newer correction)")
     return run_cfg, data, version
 
 
@@ -155,13 +162,19 @@ def _train_and_gate(cfg: RunConfig, run_cfg: RunConfig, data: Dataset, version: 
 def _finished_retrains(cfg: RunConfig) -> list[Path]:
     """Retrain directories that ran to an outcome, oldest first; one that failed half-way is ignored, so
     its feedback rows stay new."""
-    return sorted(d for d in (cfg.run_dir / RETRAINS).glob("[0-9]*") if (d / RETRAIN_RESULT).is_file())
+    finished = [d for d in (cfg.run_dir / RETRAINS).glob("[0-9]*") if d.name.isdigit() and (d / RETRAIN_RESULT).is_file()]
+    return sorted(finished, key=lambda d: int(d.name))
 
 
 def latest_dataset(cfg: RunConfig) -> Dataset:
     """The dataset of the latest finished retrain, else the run's own."""
     done = _finished_retrains(cfg)
     return load_meta(Dataset, done[-1] / "data", "retrain CONFIG") if done else load_dataset(cfg)
+
+
+def _asked(messages: list[dict]) -> str:
+    """What a row asks, whatever system prompt it carries: its turns before the answer."""
+    return json.dumps([m for m in messages[:-1] if m["role"] != "system"], sort_keys=True, ensure_ascii=False)
 
 
 def _lines(path: Path) -> list[str]:
@@ -206,7 +219,11 @@ def monitor_traffic(cfg: RunConfig, window: str = "24h") -> MonitorReport:
     base = resolve_base(cfg)
     _, versions = served_models(base, adapter_paths(cfg.registry, base.name))
     schemas = {m.name: m.answer_schema for m in versions}
-    return monitor(cfg.monitor, cfg.request_log_url, profile, schemas, cfg.run_dir / "monitor", window)
+    # The version the bare name serves now should have traffic: it is reported (volume 0) even without.
+    bare = next((m.path for m in versions if m.name == cfg.model_name), None)
+    serving = tuple(m.name for m in versions if m.path == bare and m.name != cfg.model_name)
+    return monitor(cfg.monitor, cfg.request_log_url, profile, schemas, cfg.run_dir / "monitor", window,
+                   model=cfg.model_name, expected=serving)
 
 
 def open_request_log(cfg: RunConfig) -> RequestLog:

@@ -34,6 +34,8 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.engine import Engine as Database
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, ProgrammingError, SQLAlchemyError
 
 from tuneloop.data.pii import PiiScanner
 from tuneloop.errors import TuneloopError
@@ -98,7 +100,11 @@ class RequestRecord:
 def connect(url: str) -> Database:
     """The log database at `url`, with its tables created. SQLite runs in WAL mode so the writer and the
     readers (`tuneloop monitor`, feedback) do not block each other."""
-    database = create_engine(url, hide_parameters=True)  # parameters hold prompts: never in error messages
+    shown = make_url(url).render_as_string(hide_password=True)
+    try:
+        database = create_engine(url, hide_parameters=True)  # parameters hold prompts: never in error messages
+    except (ArgumentError, ImportError) as err:
+        raise TuneloopError(f"request log {shown}: {err}") from None
     if database.dialect.name == "sqlite":
         @event.listens_for(database, "connect")
         def _pragmas(connection, _record) -> None:
@@ -106,7 +112,15 @@ def connect(url: str) -> Database:
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA busy_timeout=10000")
             cursor.close()
-    metadata.create_all(database)
+    for attempt in range(3):
+        try:
+            metadata.create_all(database)
+            break
+        except (ProgrammingError, IntegrityError):  # another server created the tables at the same moment
+            if attempt == 2:
+                raise
+        except OperationalError as err:
+            raise TuneloopError(f"request log {shown}: cannot open it ({err.orig})") from None
     return database
 
 
@@ -148,7 +162,10 @@ class RequestLog:
 
     def close(self) -> None:
         if self._thread is not None:
-            self.pending.put(None)
+            try:
+                self.pending.put(None, timeout=30)
+            except queue.Full:  # the writer is stuck: its rows are lost, and said so
+                log.error("request log: %d rows not written at shutdown", self.pending.qsize())
             self._thread.join(timeout=30)
             self._thread = None
         self.database.dispose()
@@ -160,12 +177,8 @@ class RequestLog:
     def add_feedback(self, completion_id: str, project: str | None, rating: str, correction: str | None = None,
                      comment: str | None = None) -> dict[str, Any]:
         """Store a rating (and a corrected answer) for completion `completion_id` of `project`."""
-        self.flush()
+        row = self._find(completion_id)
         with self.database.begin() as connection:
-            row = connection.execute(
-                select(requests_table.c.project, requests_table.c.sampled, requests_table.c.prompt)
-                .where(requests_table.c.id == completion_id)
-            ).first()
             if row is None or row.project != project:  # another project's ids are as unknown as made-up ones
                 raise UnknownCompletionError(f"no completion with id {completion_id!r} in the request log")
             if not row.sampled:
@@ -180,6 +193,19 @@ class RequestLog:
             connection.execute(insert(feedback_table), [stored])
         return stored
 
+    def _find(self, completion_id: str):
+        """The logged row of `completion_id`; a row still queued here, or written by another server a moment
+        later, is waited for (at most about two seconds)."""
+        query = select(requests_table.c.project, requests_table.c.sampled).where(requests_table.c.id == completion_id)
+        deadline = time.monotonic() + 2.0
+        while True:
+            with self.database.connect() as connection:
+                row = connection.execute(query).first()
+            if row is not None or time.monotonic() > deadline:
+                return row
+            self.flush(timeout=max(0.0, deadline - time.monotonic()))
+            time.sleep(0.05)
+
     def _write_forever(self) -> None:
         last_prune = 0.0
         while True:
@@ -192,18 +218,32 @@ class RequestLog:
                     batch.append(self.pending.get_nowait())
                 except queue.Empty:
                     break
-            rows = [self._stored(r) for r in batch if r is not None]
             try:
-                if rows:
-                    with self.database.begin() as connection:
-                        connection.execute(insert(requests_table), rows)
+                self._insert([self._stored(r) for r in batch if r is not None])
             except Exception:  # noqa: BLE001 - a failed write must not stop the log; the reason goes to the log
-                log.exception("request log: %d rows could not be written", len(rows))
+                log.exception("request log: %d rows could not be written", len(batch))
             finally:
                 for _ in batch:
                     self.pending.task_done()
             if batch[-1] is None:
                 return
+
+    def _insert(self, rows: list[dict[str, Any]]) -> None:
+        """All rows in one transaction; when that fails, row by row, so one bad row loses only itself."""
+        if not rows:
+            return
+        try:
+            with self.database.begin() as connection:
+                connection.execute(insert(requests_table), rows)
+            return
+        except SQLAlchemyError:
+            pass
+        for row in rows:
+            try:
+                with self.database.begin() as connection:
+                    connection.execute(insert(requests_table), [row])
+            except SQLAlchemyError as err:
+                log.error("request log: row %s not written: %s", row["id"], type(err).__name__)
 
     def _prune_logged(self) -> None:
         try:
@@ -246,6 +286,7 @@ class RequestLog:
         return stored
 
     def _scrub(self, texts: list[str | None]) -> tuple[list[str | None], int]:
+        texts = [None if t is None else t.replace("\x00", "") for t in texts]  # PostgreSQL text holds no NUL
         if self.pii == "keep":
             return texts, 0
         scrubbed, found = [], 0
