@@ -352,13 +352,13 @@ def _print_monitor(report) -> None:
     table = Table(title=f"live traffic, last {report.window}")
     for column in ("version", "requests", "errors", "p50 ms", "p95 ms", "schema valid", "refusals", "input drift"):
         table.add_column(column)
+    def share(value):
+        return "-" if value is None else f"{value:.1%}"
+
+    def ms(value):
+        return "-" if value is None else f"{value:.0f}"
+
     for version, s in report.versions.items():
-        def share(value):
-            return "-" if value is None else f"{value:.1%}"
-
-        def ms(value):
-            return "-" if value is None else f"{value:.0f}"
-
         drift = s["drift"]
         table.add_row(version, str(s["volume"]), share(s["error_rate"]), ms(s["latency_p50_ms"]),
                       ms(s["latency_p95_ms"]), share(s["schema_valid"]), share(s["refusal_share"]),

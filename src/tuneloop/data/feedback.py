@@ -4,11 +4,12 @@ golden set, never both."""
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
+
+from tuneloop.data.split import in_share
 
 
 @dataclass
@@ -18,9 +19,13 @@ class FeedbackExamples:
     skipped: Counter[str] = field(default_factory=Counter)  # reason -> feedback rows that made no example
 
 
+def served_names(model_name: str) -> re.Pattern[str]:
+    """The names a model's versions are served and logged under: `<model>` and `<model>-v<N>`."""
+    return re.compile(rf"{re.escape(model_name)}(?:-v\d+)?")
+
+
 def is_golden(completion_id: str, share: float, seed: int) -> bool:
-    digest = hashlib.sha256(f"{seed}:{completion_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") < share * 2**64
+    return in_share(f"{seed}:{completion_id}", share)
 
 
 def feedback_examples(
@@ -28,7 +33,7 @@ def feedback_examples(
 ) -> FeedbackExamples:
     """Examples from `feedback` (oldest first, each with the prompt, answer and version of its request) about
     versions of `model_name`. The latest rating of a completion is the one that counts."""
-    own = re.compile(rf"{re.escape(model_name)}(?:-v\d+)?")
+    own = served_names(model_name)
     latest = {row["completion_id"]: row for row in feedback if own.fullmatch(row["version"] or "")}
     examples = FeedbackExamples()
     examples.skipped["other_model"] = sum(1 for row in feedback if not own.fullmatch(row["version"] or ""))

@@ -53,6 +53,12 @@ def _field(answer: str, name: str) -> str:
     return json.dumps(parsed.get(name), sort_keys=True) if isinstance(parsed, dict) else ""
 
 
+def in_share(key: str, share: float) -> bool:
+    """Whether `key` falls in a `share` of all keys, by its SHA-256: the same key decides the same way on any
+    machine and in any order, with no state kept."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") < share * 2**64
+
+
 def content_hash(rows: list[Row]) -> str:
     digest = hashlib.sha256()
     for row in rows:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ import numpy as np
 
 from tuneloop.artifacts import MonitorReport, save_meta
 from tuneloop.config import MonitorConfig, parse_duration
+from tuneloop.data.feedback import served_names
 from tuneloop.monitor.alerts import drift_alerts, fired, post_webhook
 from tuneloop.monitor.drift import MIN_PROMPTS, input_drift, prompt_embeddings, prompt_length
 from tuneloop.monitor.quality import TrainingProfile, last_user_message, training_profile, version_quality
@@ -41,7 +41,7 @@ def monitor(
     spans = {window: parse_duration(window), **{r.window: parse_duration(r.window) for r in cfg.alerts}}
     rows = read_requests(connect(log_url), since=now - max(spans.values()), until=now)
     if model is not None:
-        own = re.compile(rf"{re.escape(model)}(?:-v\d+)?")
+        own = served_names(model)
         rows = [row for row in rows if own.fullmatch(row["version"])]
     drift = _DriftCheck(profile, cfg.drift_false_alarm_rate, rows)
     figures = {name: _by_version(rows, now - seconds, schemas, profile, drift, expected)

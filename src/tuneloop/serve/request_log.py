@@ -7,7 +7,6 @@ personal data in them. Rows are written by a background thread, so logging never
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import queue
@@ -38,6 +37,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, ProgrammingError, SQLAlchemyError
 
 from tuneloop.data.pii import PiiScanner
+from tuneloop.data.split import in_share
 from tuneloop.errors import TuneloopError
 from tuneloop.serve.engine import Completion, InvalidRequestError, UnknownModelError
 
@@ -126,7 +126,7 @@ def connect(url: str) -> Database:
 
 def is_sampled(request_id: str, rate: float) -> bool:
     """Whether the request's content is kept: a hash of its id below `rate`, so the choice is reproducible."""
-    return int.from_bytes(hashlib.sha256(request_id.encode()).digest()[:8], "big") < rate * 2**64
+    return in_share(request_id, rate)
 
 
 class RequestLog:
