@@ -153,3 +153,37 @@ def test_a_csv_file_with_an_explicit_row_format(tmp_path):
     src.write_text("instruction,input,output\n" + "".join(f"do {i},with {i},done {i}\n" for i in range(20)))
     dataset = prepare(DataConfig(path=src, format="alpaca"), tmp_path / "run")
     assert by_source_line(dataset, 2)["messages"][0] == {"role": "user", "content": "do 0\n\nwith 0"}
+
+
+def test_openai_dpo_rows_become_preference_pairs(tmp_path):
+    records = [
+        {
+            "input": {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Q{i}?"}],
+                      "tools": [], "parallel_tool_calls": True},
+            "preferred_output": [{"role": "assistant", "content": f"A{i}."}],
+            "non_preferred_output": [{"role": "assistant", "content": f"A long answer {i}."}],
+        }
+        for i in range(19)
+    ]
+    records.append({"input": {"prompt": "no messages"}, "preferred_output": "a", "non_preferred_output": "b"})
+    dataset = prepare(DataConfig(path=write_jsonl(tmp_path / "dpo.jsonl", records)), tmp_path / "run")
+    row = by_source_line(dataset, 3)
+    assert row["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q2?"},
+                               {"role": "assistant", "content": "A2."}]
+    assert row["rejected"] == "A long answer 2."
+    reject = json.loads((tmp_path / "run" / "data" / "rejects.jsonl").read_text())
+    assert reject["line"] == 20 and reject["reason"] == "`input` must be an object with `messages`"
+
+
+def test_a_validation_file_is_the_validation_split(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", [
+        {"prompt": f"question {i}", "completion": f"answer {i}"} for i in range(30)])
+    val = write_jsonl(tmp_path / "val.jsonl", [
+        {"prompt": f"held question {i}", "completion": f"held answer {i}"} for i in range(5)] + [{"prompt": "x"}])
+    dataset = prepare(DataConfig(path=train, val_path=val, test_fraction=0.2, seed=3), tmp_path / "run")
+    val_rows = [json.loads(line) for line in dataset.val.read_text().splitlines()]
+    assert sorted(r["messages"][0]["content"] for r in val_rows) == [f"held question {i}" for i in range(5)]
+    assert dataset.counts["train"] + dataset.counts["test"] == 30 and dataset.counts["test"] == 6
+    assert dataset.counts["read"] == 36 and dataset.counts["rejected"] == 1  # the validation file's bad row
+    reject = json.loads((tmp_path / "run" / "data" / "rejects.jsonl").read_text())
+    assert reject["file"] == str(val) and reject["line"] == 6

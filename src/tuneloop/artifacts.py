@@ -121,6 +121,8 @@ class ModelVersion:
     # passed version is promoted without --force.
     gate_verdict: str = "unknown"
     gate_failures: str = ""  # the failing metrics, "; "-separated, as the gate reported them
+    # A fine-tuning job's model (`ft:<base>:<project>:<suffix>:<job id>`) is served under this one name only.
+    served_name: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -182,7 +182,27 @@ def serve(
         request_log = pipeline.open_request_log(cfg)
         console.print(f"request log: {cfg.request_log_url} (sample rate {cfg.monitor.sample_rate:g}, "
                       f"personal data: {cfg.monitor.pii})")
-    serve_stage(serve_cfg, base, lambda: adapter_paths(cfg.registry, base.name), keys, request_log)
+    jobs = None
+    if cfg.api.jobs:
+        from tuneloop.jobs import jobs_api
+
+        jobs = jobs_api(cfg, base.name)
+        where = cfg.api.database_url.split("@")[-1] if cfg.api.database_url else cfg.jobs_dir
+        console.print(f"fine-tuning jobs API: {where} ({cfg.api.workers} local worker(s))")
+    serve_stage(serve_cfg, base, lambda: adapter_paths(cfg.registry, base.name), keys, request_log, jobs)
+
+
+@app.command()
+@user_errors
+def worker(config: ConfigArg, set: SetOpt = None, debug: DebugOpt = False) -> None:
+    """Take fine-tuning jobs from the queue of `tuneloop serve`'s jobs API (api.database_url) and train them."""
+    import logging
+
+    from tuneloop.jobs import work
+
+    cfg = _load(config, set)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
+    work(cfg)
 
 
 @registry_app.command("register")

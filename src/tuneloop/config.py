@@ -22,10 +22,14 @@ class Section(BaseModel):
 class DataConfig(Section):
     path: Path = Field(
         description="Training examples: a JSONL, CSV or text file, or a directory of them (chat `messages`, "
-        "Alpaca, ShareGPT, `prompt`/`completion`, `prompt`/`chosen`/`rejected`, or plain text)."
+        "Alpaca, ShareGPT, `prompt`/`completion`, `prompt`/`chosen`/`rejected`, OpenAI's DPO format "
+        "`input`/`preferred_output`/`non_preferred_output`, or plain text)."
     )
     test_path: Path | None = Field(
         default=None, description="Optional held-out test file; when given, it is the test split and never trained on."
+    )
+    val_path: Path | None = Field(
+        default=None, description="Optional validation file; when given, it is the validation split (val_fraction unused)."
     )
     system_prompt: str | None = Field(
         default=None, description="System prompt added to every example that has none; the baseline uses it too."
@@ -39,7 +43,9 @@ class DataConfig(Section):
     max_reject_fraction: float = Field(
         default=0.1, ge=0.0, le=1.0, description="Stop the run when more than this share of rows is rejected."
     )
-    format: Literal["auto", "chat", "alpaca", "sharegpt", "prompt_completion", "preference", "csv", "text"] = Field(
+    format: Literal[
+        "auto", "chat", "alpaca", "sharegpt", "prompt_completion", "preference", "openai_preference", "csv", "text"
+    ] = Field(
         default="auto",
         description="Row format of every data file; `auto` decides per file from its extension and first row.",
     )
@@ -437,6 +443,38 @@ class RetrainConfig(Section):
     seed: int = Field(default=0, description="Seed of the hash that sends a feedback row to training or golden.")
 
 
+class ApiConfig(Section):
+    """The OpenAI fine-tuning jobs API that `tuneloop serve` offers beside inference."""
+
+    jobs: bool = Field(default=True, description="Serve /v1/files and /v1/fine_tuning/jobs (with the same API keys).")
+    database_url: str | None = Field(
+        default=None,
+        description="Where files, jobs and the job queue live: default SQLite files in <run_dir>/jobs; a "
+        "postgresql:// URL lets workers on several machines take jobs from one queue (their MLflow registry "
+        "must then be shared too: registry.tracking_uri).",
+    )
+    workers: int = Field(
+        default=1, ge=0, description="Worker processes `tuneloop serve` starts beside itself; 0: only "
+        "`tuneloop worker` processes (on other machines) train.",
+    )
+    max_concurrent_jobs: int = Field(default=1, gt=0, description="Jobs one worker process trains at once.")
+    worker_threads: int | None = Field(
+        default=None, gt=0,
+        description="CPU threads a training job may use (default: half the cores), so training does not "
+        "starve serving; training also runs at a lower scheduling priority.",
+    )
+    max_file_bytes: int = Field(default=100_000_000, gt=0, description="Largest file `POST /v1/files` accepts.")
+    heartbeat_timeout: float = Field(
+        default=60.0, gt=0,
+        description="Seconds without a sign of life after which a job's worker counts as lost; its job then "
+        "resumes from its newest checkpoint (or fails after max_attempts).",
+    )
+    max_attempts: int = Field(default=3, gt=0, description="Times a job is started before a lost worker fails it.")
+    test_fraction: float = Field(
+        default=0.1, gt=0.0, lt=0.5, description="Share of a job's training file held out as the test split the gate scores."
+    )
+
+
 def parse_duration(text: str) -> float:
     """Seconds in `30s`, `15m`, `24h` or `7d`."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*", text)
@@ -463,6 +501,7 @@ class RunConfig(Section):
     serve: ServeConfig = ServeConfig()
     monitor: MonitorConfig = MonitorConfig()
     retrain: RetrainConfig = RetrainConfig()
+    api: ApiConfig = ApiConfig()
 
     @property
     def run_dir(self) -> Path:
@@ -471,6 +510,10 @@ class RunConfig(Section):
     @property
     def request_log_url(self) -> str:
         return self.monitor.log_url or f"sqlite:///{(self.run_dir / 'requests.db').resolve()}"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return (self.run_dir / "jobs").resolve()
 
     @property
     def model_name(self) -> str:
@@ -579,6 +622,7 @@ def _resolve_paths(cfg: RunConfig, base: Path) -> RunConfig:
         update={
             "path": resolve(cfg.data.path),
             "test_path": resolve(cfg.data.test_path),
+            "val_path": resolve(cfg.data.val_path),
             "answer_schema": resolve(cfg.data.answer_schema),
         }
     )

@@ -29,14 +29,14 @@ def prepare(cfg: DataConfig, run_dir: Path, base: BaseModelRef | None = None) ->
     out = run_dir / "data"
     out.mkdir(parents=True, exist_ok=True)
     schema = load_schema(cfg.answer_schema)
-    rows, test_rows, rejects, read, token_lengths = _read_and_validate(cfg, schema, base, out)
-    rows, test_rows, removed, pii_found = _clean(cfg, base, rows, test_rows)
+    rows, given, rejects, read, token_lengths = _read_and_validate(cfg, schema, base, out)
+    rows, given, removed, pii_found = _clean(cfg, base, rows, given)
 
-    # A user-supplied test file is the test split; each split is versioned by its content.
-    holdout = 0.0 if cfg.test_path is not None else cfg.test_fraction
-    splits = split_rows(rows, cfg.val_fraction, holdout, cfg.seed, labels_of(rows, cfg.label_field))
-    if cfg.test_path is not None:
-        splits["test"] = test_rows
+    # A user-supplied validation or test file is that split; each split is versioned by its content.
+    val_share = 0.0 if cfg.val_path is not None else cfg.val_fraction
+    test_share = 0.0 if cfg.test_path is not None else cfg.test_fraction
+    splits = split_rows(rows, val_share, test_share, cfg.seed, labels_of(rows, cfg.label_field))
+    splits.update(given)
     if not splits["train"] or not splits["test"]:
         raise TuneloopError(
             f"{cfg.path}: {len(rows)} usable rows are too few to split into train and test; add examples"
@@ -70,33 +70,37 @@ def prepare(cfg: DataConfig, run_dir: Path, base: BaseModelRef | None = None) ->
 
 
 def _read_and_validate(cfg: DataConfig, schema: dict | None, base: BaseModelRef | None, out: Path):
-    """Rows that pass every check, and a reject with file:line and reason for each one that does not;
-    stops when the rejected share passes the configured limit."""
+    """Rows that pass every check (the training file's, and those of the given validation and test files
+    by split), and a reject with file:line and reason for each one that does not; stops when the rejected
+    share passes the configured limit."""
     read_args = (cfg.format, cfg.columns, cfg.fix_line_ends)
     rows, rejects = read_examples(cfg.path, *read_args)
-    test_rows: list[Row] = []
-    if cfg.test_path is not None:
-        test_rows, test_rejects = read_examples(cfg.test_path, *read_args)
-        rejects += test_rejects
-    read = len(rows) + len(test_rows) + len(rejects)
+    given: dict[str, list[Row]] = {}
+    for split, path in _given_files(cfg).items():
+        given[split], more = read_examples(path, *read_args)
+        rejects += more
+    read = len(rows) + sum(map(len, given.values())) + len(rejects)
     if read == 0:
         raise TuneloopError(f"{cfg.path}: no rows to read")
     rows = [_with_system_prompt(r, cfg.system_prompt) for r in rows]
-    test_rows = [_with_system_prompt(r, cfg.system_prompt) for r in test_rows]
-    if schema is not None:
-        rows, bad = schema_rejects(rows, schema)
-        test_rows, bad_test = schema_rejects(test_rows, schema)
-        rejects += bad + bad_test
+    given = {split: [_with_system_prompt(r, cfg.system_prompt) for r in held] for split, held in given.items()}
     token_lengths: dict[str, int] = {}
-    if base is not None:
-        counter = TokenCounter(base, cfg.max_tokens)
-        rows, bad, token_lengths = counter.rejects(rows)
-        test_rows, bad_test, test_lengths = counter.rejects(test_rows)
-        rejects += bad + bad_test
-        token_lengths |= test_lengths
+    counter = TokenCounter(base, cfg.max_tokens) if base is not None else None
+    for split in (None, *given):
+        kept = rows if split is None else given[split]
+        if schema is not None:
+            kept, bad = schema_rejects(kept, schema)
+            rejects += bad
+        if counter is not None:
+            kept, bad, lengths = counter.rejects(kept)
+            rejects += bad
+            token_lengths |= lengths
+        if split is None:
+            rows = kept
+        else:
+            given[split] = kept
 
-    files = data_files(cfg.path) + (data_files(cfg.test_path) if cfg.test_path is not None else [])
-    rank = {str(file): i for i, file in enumerate(files)}
+    rank = {str(file): i for i, file in enumerate(input_files(cfg))}
     rejects.sort(key=lambda r: (rank[r.source.rsplit(":", 1)[0]], int(r.source.rsplit(":", 1)[1])))
     _write_jsonl(out / "rejects.jsonl", [{**_where(r.source), "reason": r.reason, "kind": r.kind} for r in rejects])
     if len(rejects) > cfg.max_reject_fraction * read:
@@ -105,17 +109,27 @@ def _read_and_validate(cfg: DataConfig, schema: dict | None, base: BaseModelRef 
             f"{first.source}: {first.reason} ({len(rejects)} of {read} rows rejected, above the "
             f"{cfg.max_reject_fraction:.0%} limit; all are listed in {out / 'rejects.jsonl'})"
         )
-    return rows, test_rows, rejects, read, token_lengths
+    return rows, given, rejects, read, token_lengths
 
 
-def _clean(cfg: DataConfig, base: BaseModelRef | None, rows: list[Row], test_rows: list[Row]):
+def input_files(cfg: DataConfig) -> list[Path]:
+    """Every file the examples are read from: the data path's, then the validation and test files."""
+    return data_files(cfg.path) + [file for path in _given_files(cfg).values() for file in data_files(path)]
+
+
+def _given_files(cfg: DataConfig) -> dict[str, Path]:
+    """The splits the config gives as files of their own."""
+    return {split: path for split, path in (("val", cfg.val_path), ("test", cfg.test_path)) if path is not None}
+
+
+def _clean(cfg: DataConfig, base: BaseModelRef | None, rows: list[Row], given: dict[str, list[Row]]):
     """Personal data first, so duplicates are judged on the text that will be trained on; then
     quality filters, duplicates and test leaks, and the optional perplexity filter."""
     removed = Removed()
     pii_found: Counter[str] = Counter()
     scanner = PiiScanner(cfg.pii_patterns)
     rows = handle_pii(rows, scanner, cfg.pii_action, pii_found, removed)
-    test_rows = handle_pii(test_rows, scanner, cfg.pii_action, pii_found, removed)
+    given = {split: handle_pii(kept, scanner, cfg.pii_action, pii_found, removed) for split, kept in given.items()}
     kept = []
     for row in rows:
         problem = quality_problem(row, cfg.min_answer_chars, cfg.max_row_chars, cfg.drop_refusals)
@@ -123,14 +137,16 @@ def _clean(cfg: DataConfig, base: BaseModelRef | None, rows: list[Row], test_row
             kept.append(row)
         else:
             removed.add(row, problem)
-    rows, test_rows = deduplicate(kept, test_rows, cfg.near_duplicate_threshold, removed)
+    rows, test_rows = deduplicate(kept, given.get("test", []), cfg.near_duplicate_threshold, removed)
+    if "test" in given:
+        given["test"] = test_rows
     if cfg.perplexity_percentile is not None:
         outliers = perplexity_outliers(rows, base, cfg.perplexity_percentile)
         for row in rows:
             if row.source in outliers:
                 removed.add(row, "perplexity")
         rows = [row for row in rows if row.source not in outliers]
-    return rows, test_rows, removed, pii_found
+    return rows, given, removed, pii_found
 
 
 def _counts(
@@ -178,4 +194,4 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-__all__ = ["prepare"]
+__all__ = ["input_files", "prepare"]

@@ -24,6 +24,7 @@ SHAPES = {
     "sharegpt": ("conversations",),
     "alpaca": ("instruction", "output"),
     "preference": ("prompt", "chosen", "rejected"),
+    "openai_preference": ("input", "preferred_output", "non_preferred_output"),  # OpenAI's DPO file format
     "prompt_completion": ("prompt", "completion"),
     "text": ("text",),
 }
@@ -203,6 +204,12 @@ def _to_messages(record: dict, shape: str) -> tuple[list[dict[str, str]], str | 
     elif shape == "preference":
         messages = [*_prompt_turns(record["prompt"]), {"role": "assistant", "content": _answer(record, "chosen")}]
         rejected = _answer(record, "rejected")
+    elif shape == "openai_preference":
+        turns = record["input"].get("messages") if isinstance(record["input"], dict) else None
+        if turns is None:
+            raise RowError("wrong_type", "`input` must be an object with `messages`")
+        messages = [*_prompt_turns(turns), {"role": "assistant", "content": _answer(record, "preferred_output")}]
+        rejected = _answer(record, "non_preferred_output")
     elif shape == "text":
         messages = [{"role": "assistant", "content": _text(record, "text")}]
     else:

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from tuneloop.evaluate.judge import Judge
 
 Progress = Callable[[str], None]  # receives one line of progress at a time, e.g. `rich.console.Console.print`
+TrainLog = Callable[[int, int, dict], None]  # step, total steps, the trainer's log at that step
 DATASET_VERSION = "dataset_version.json"
 MAX_TAG_CHARS = 5000  # MLflow keeps tag values up to 8000 characters; leave room
 
@@ -62,9 +63,17 @@ class RunResult:
     refusal: str | None = None
 
 
-def run(cfg: RunConfig, progress: Progress = silent) -> RunResult:
+def run(
+    cfg: RunConfig,
+    progress: Progress = silent,
+    on_train_log: TrainLog | None = None,
+    resume: bool = False,
+    served_name: str | None = None,
+) -> RunResult:
     """Whole loop: prepare the data, score the baseline, train, score the fine-tune against the baselines
-    (and the production version), and register it unless the gate refuses it."""
+    (and the production version), and register it unless the gate refuses it. `on_train_log` receives
+    the trainer's logs; with `resume`, training continues from its newest checkpoint when there is one;
+    `served_name` is the one name the registered version is served under (a fine-tuning job's model)."""
     from tuneloop.evaluate import evaluate
 
     base = resolve_base(cfg)
@@ -72,14 +81,14 @@ def run(cfg: RunConfig, progress: Progress = silent) -> RunResult:
     progress("1/3 evaluating the baseline (base model, same system prompt)")
     evaluate(cfg.eval, data, base, None, cfg.run_dir, judge=judge_for(cfg))
     progress(f"2/3 training a LoRA adapter on {data.counts['train']} rows")
-    adapter = train_adapter(cfg, data, base)
+    adapter = train_adapter(cfg, data, base, resume=resume and has_checkpoint(cfg), on_log=on_train_log)
     progress("3/3 evaluating the fine-tuned model on the same test rows")
     production = production_opponent(cfg, base, adapter.dir, progress)
     report = evaluate(cfg.eval, data, base, adapter, cfg.run_dir, production=production, judge=judge_for(cfg))
     refusal = gate_refusal(report, cfg.eval.enforce_gate)
     if refusal is not None:  # not registered, so never served
         return RunResult(data, dataset_version, adapter, report, None, refusal)
-    version = register_version(cfg, adapter, report, data, dataset_version)
+    version = register_version(cfg, adapter, report, data, dataset_version, served_name)
     return RunResult(data, dataset_version, adapter, report, version)
 
 
@@ -110,9 +119,9 @@ def prepare_data(
 
 
 def record_version(cfg: RunConfig, data: Dataset, **lineage) -> DatasetVersion:
-    from tuneloop.data.load import data_files
+    from tuneloop.data import input_files
 
-    files = data_files(cfg.data.path) + (data_files(cfg.data.test_path) if cfg.data.test_path is not None else [])
+    files = input_files(cfg.data)
     version = DatasetVersion(
         hash=data.hash,
         sources={str(file): _sha256(file) for file in files},
@@ -167,7 +176,11 @@ def load_adapter(cfg: RunConfig) -> Adapter:
 
 
 def train_adapter(
-    cfg: RunConfig, data: Dataset | None = None, base: BaseModelRef | None = None, resume: bool = False
+    cfg: RunConfig,
+    data: Dataset | None = None,
+    base: BaseModelRef | None = None,
+    resume: bool = False,
+    on_log: TrainLog | None = None,
 ) -> Adapter:
     """The train stage on `data` (default: the data prepared on disk) in this process, or with
     `train.distributed` in several: `tuneloop train` on this config under `accelerate launch` (which sets
@@ -184,7 +197,7 @@ def train_adapter(
     tracking = training_tracking(cfg.registry, cfg.model_name)
     if cfg.train.distributed == "none" or "LOCAL_RANK" in os.environ:
         return train(cfg.train, data, base, cfg.run_dir, resume=resume, tracking=tracking,
-                     score_checkpoint=checkpoint_scorer(cfg.eval, data))
+                     score_checkpoint=checkpoint_scorer(cfg.eval, data), on_log=on_log)
     from tuneloop.train.launch import launch
 
     # The launched processes read this config, already resolved, whoever called: the CLI or the jobs API.
@@ -193,6 +206,13 @@ def train_adapter(
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
     launch(cfg.train, ["train", str(config.resolve()), *(["--resume"] if resume else [])])
     return load_adapter(cfg)
+
+
+def has_checkpoint(cfg: RunConfig) -> bool:
+    """Whether training left a checkpoint in the run directory to resume from."""
+    from tuneloop.train import newest_checkpoint
+
+    return newest_checkpoint(cfg.run_dir / "train" / "checkpoints") is not None
 
 
 def evaluate_run(
@@ -286,13 +306,18 @@ def register_adapter(cfg: RunConfig) -> ModelVersion:
 
 
 def register_version(
-    cfg: RunConfig, adapter: Adapter, report: EvalReport, data: Dataset, version: DatasetVersion | None
+    cfg: RunConfig,
+    adapter: Adapter,
+    report: EvalReport,
+    data: Dataset,
+    version: DatasetVersion | None,
+    served_name: str | None = None,
 ) -> ModelVersion:
     from tuneloop.registry import register
 
     tags = lineage_tags(version) if version is not None else None
     return register(cfg.registry, cfg.model_name, adapter, report, data, cfg.model_dump(mode="json"), tags,
-                    gate_enforced=cfg.eval.enforce_gate)
+                    gate_enforced=cfg.eval.enforce_gate, served_name=served_name)
 
 
 def promote_version(cfg: RunConfig, version: int, by: str, force: bool = False) -> Promotion:

@@ -6,6 +6,7 @@ from tuneloop.registry.store import (
     HEADLINE,
     SERVING_CONTRACT,
     adapter_paths,
+    delete_served,
     find_version,
     list_versions,
     production_version,
@@ -16,6 +17,6 @@ from tuneloop.registry.store import (
 )
 
 __all__ = [
-    "HEADLINE", "SERVING_CONTRACT", "adapter_paths", "find_version", "list_versions", "production_version", "register", "training_tracking",
+    "HEADLINE", "SERVING_CONTRACT", "adapter_paths", "delete_served", "find_version", "list_versions", "production_version", "register", "training_tracking",
     "version_dir", "version_run", "history", "promote", "promotion_refusal", "rollback", "rollback_target",
 ]

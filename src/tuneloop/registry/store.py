@@ -30,11 +30,13 @@ def register(
     run_config: dict[str, Any],
     tags: dict[str, str] | None = None,
     gate_enforced: bool = True,
+    served_name: str | None = None,
 ) -> ModelVersion:
     """Add the eval metrics, config and adapter to the run training logged (an adapter trained without
     tracking gets a new run with its params and per-step metrics) and register the adapter as a new
     version of model `name`, with `tags` (the dataset's lineage) and the gate's verdict on the version
-    (`gate_enforced`: whether `eval.enforce_gate` held for it)."""
+    (`gate_enforced`: whether `eval.enforce_gate` held for it). With `served_name` the version is served
+    under that name alone (a fine-tuning job's model), not as `<name>` and `<name>-v<N>`."""
     import mlflow
     from mlflow.entities import Metric
 
@@ -88,6 +90,7 @@ def register(
             **{f"metric.{k}": f"{v:.4f}" for k, v in headline.items()},
             **{f"baseline.{k}": f"{report.baseline[k]:.4f}" for k in headline if k in report.baseline},
             **_gate_tags(report, gate_enforced),
+            **({SERVED_NAME: served_name} if served_name else {}),
             **(tags or {}),
         },
         description=f"LoRA adapter on {adapter.base_model}, dataset {data.hash[:12]}",
@@ -96,6 +99,7 @@ def register(
 
 
 SERVING_CONTRACT = "serving.json"
+SERVED_NAME = "served_name"
 TAG_VALUE_LIMIT = 5000  # what every MLflow tracking server accepts in a tag value (older ones cap it there)
 
 
@@ -155,7 +159,7 @@ def list_versions(cfg: RegistryConfig, name: str | None = None) -> list[ModelVer
 def adapter_paths(cfg: RegistryConfig, base_model: str) -> dict[str, Path]:
     """Local adapter directories of every version trained on `base_model`, by served name:
     `<model>-v<N>` for each version and `<model>` for the version with the `production` alias (the newest
-    when no version on `base_model` has it)."""
+    when no version on `base_model` has it); a version registered with a served name under that name only."""
     from mlflow.artifacts import download_artifacts
 
     _client(cfg)
@@ -165,6 +169,9 @@ def adapter_paths(cfg: RegistryConfig, base_model: str) -> dict[str, Path]:
         if version.base_model != base_model:
             continue
         local = Path(download_artifacts(artifact_uri=version.source))
+        if version.served_name:
+            paths[version.served_name] = local
+            continue
         paths.setdefault(version.name, local)  # newest first, so the bare name is the latest version
         paths[f"{version.name}-v{version.version}"] = local
         names.add(version.name)
@@ -304,4 +311,17 @@ def _to_artifact(version) -> ModelVersion:
         metrics={k.removeprefix("metric."): float(v) for k, v in tags.items() if k.startswith("metric.")},
         gate_verdict=tags.get("gate.verdict", "unknown"),
         gate_failures=tags.get("gate.failures", ""),
+        served_name=tags.get(SERVED_NAME),
     )
+
+
+def delete_served(cfg: RegistryConfig, served_name: str) -> bool:
+    """Delete the registered model whose versions are served as `served_name` (a fine-tuning job's model);
+    False when no version is served under that name."""
+    if not _exists(cfg):
+        return False
+    client = _client(cfg)
+    names = {v.name for v in list_versions(cfg) if v.served_name == served_name}
+    for name in names:
+        client.delete_registered_model(name)
+    return bool(names)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from tuneloop.artifacts import BaseModelRef
 from tuneloop.config import ServeConfig
+from tuneloop.serve.app import JobsApi
 from tuneloop.serve.request_log import RequestLog
 
 
@@ -16,10 +17,11 @@ def serve(
     registered: Callable[[], dict[str, Path]],
     api_keys: dict[str, str] | None = None,
     request_log: RequestLog | None = None,
+    jobs: JobsApi | None = None,
 ) -> None:
     """Serve `base` and the versions `registered()` names (served name -> directory), following it as it
     changes, until interrupted; with `api_keys` (key -> project) only to clients that send one, and with
-    `request_log` logging every request there. SIGTERM stops taking requests and lets the running ones
+    `request_log` logging every request there, and with `jobs` the fine-tuning jobs API too. SIGTERM stops taking requests and lets the running ones
     finish, for at most `serve.shutdown_timeout` seconds."""
     import gc
     import logging
@@ -32,7 +34,7 @@ def serve(
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
     engine = build_engine(cfg, base, registered())
     app = create_app(engine, cfg, api_keys, versions=lambda: served_models(base, registered())[1],
-                     request_log=request_log)
+                     request_log=request_log, jobs=jobs)
     # The weights and libraries loaded so far live as long as the server: kept out of the garbage collector's
     # full passes, which otherwise stop every thread (the event loop too) for hundreds of ms under load.
     gc.collect()

@@ -8,9 +8,10 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -18,7 +19,7 @@ from starlette.exceptions import HTTPException
 
 from tuneloop.config import ServeConfig
 from tuneloop.errors import TuneloopError
-from tuneloop.serve.contract import response_format, sampling_defaults, with_system_prompt
+from tuneloop.serve.contract import owner, response_format, sampling_defaults, with_system_prompt
 from tuneloop.serve.engine import (
     Completion,
     Engine,
@@ -44,6 +45,7 @@ from tuneloop.serve.protocol import (
     Feedback,
     FeedbackRequest,
     ModelCard,
+    ModelDeleted,
     ModelList,
     TextChoice,
     TextCompletion,
@@ -62,48 +64,80 @@ class Overloaded(Exception):
     pass
 
 
+NO_KEY_PROJECT = "default"  # the project of every client when the server takes no API keys
+
+
+@dataclass(frozen=True)
+class JobsApi:
+    """What the fine-tuning jobs API hands the server: its routes (behind the same API keys), what runs
+    beside the server while it is up (the workers, the recovery of lost jobs), how to delete a fine-tuned
+    model from the registry, and the largest upload its routes take."""
+
+    router: APIRouter
+    running: Callable[[], AbstractAsyncContextManager]
+    delete_model: Callable[[str], bool]
+    upload_path: str
+    max_upload_bytes: int
+
+
 def create_app(
     engine: Engine,
     cfg: ServeConfig | None = None,
     api_keys: dict[str, str] | None = None,
     versions: Callable[[], list[ServedModel]] | None = None,
     request_log: RequestLog | None = None,
+    jobs: JobsApi | None = None,
 ) -> FastAPI:
     """The app serving `engine`'s models under `cfg` (defaults when None). With `api_keys` (key -> project)
     every /v1 route needs `Authorization: Bearer <key>`; the key's project is `request.state.project`.
     With `versions`, what the registry serves now, the engine follows it every `serve.reload_interval`.
-    With `request_log`, every request is logged there and `/v1/feedback` stores ratings beside it."""
+    With `request_log`, every request is logged there and `/v1/feedback` stores ratings beside it. With
+    `jobs`, the fine-tuning jobs API is served too. A fine-tuning job's model is visible to its project only."""
     cfg = cfg or ServeConfig()
     metrics = ServingMetrics()
     in_flight = [0]  # requests accepted and not yet over, all models
+    follower = RegistryFollower(engine, versions)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         if request_log is not None:
             request_log.start()
         await engine.start()
-        follower = None
+        following = None
         if versions is not None and cfg.reload_interval > 0:
-            follower = asyncio.create_task(_follow_registry(engine, versions, cfg.reload_interval))
-        yield
-        if follower is not None:
-            follower.cancel()
+            following = asyncio.create_task(follower.follow(cfg.reload_interval))
+        async with jobs.running() if jobs is not None else _nothing():
+            yield
+        if following is not None:
+            following.cancel()
         await engine.close()
         if request_log is not None:
             await asyncio.to_thread(request_log.close)
 
     app = FastAPI(title="tuneloop", lifespan=lifespan)
-    app.add_middleware(BodyLimit, max_bytes=cfg.max_request_bytes)
+    uploads = {jobs.upload_path: jobs.max_upload_bytes} if jobs is not None else {}
+    app.add_middleware(BodyLimit, max_bytes=cfg.max_request_bytes, larger=uploads)
+    app.state.refresh_models = follower.refresh
+    app.state.model_names = lambda: {m.name for m in engine.models()}
     started = int(time.time())
 
     async def project(request: Request) -> str | None:
         if api_keys is None:
+            request.state.project = NO_KEY_PROJECT
             return None
         scheme, _, key = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or key.strip() not in api_keys:
             raise Unauthorized()
         request.state.project = api_keys[key.strip()]
         return request.state.project
+
+    def served_to(request: Request, name: str) -> ServedModel:
+        """The model `name` as this request's project may use it: another project's fine-tune is unknown."""
+        visible = [m for m in engine.models() if owner(m.name) in (None, request.state.project)]
+        models = {m.name: m for m in visible}
+        if name not in models:
+            raise UnknownModelError(name, list(models))
+        return models[name]
 
     def admit(served: ServedModel, generation, reply_id: str, client: str | None, prompt) -> AsyncIterator:
         in_flight[0] += 1
@@ -178,16 +212,28 @@ def create_app(
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models", dependencies=[Depends(project)])
-    def list_models() -> ModelList:
+    def list_models(request: Request) -> ModelList:
         models = engine.models()
         root = models[0].name
-        return ModelList(data=[ModelCard(id=m.name, created=started, root=root, parent=m.parent) for m in models])
+        visible = [m for m in models if owner(m.name) in (None, request.state.project)]
+        return ModelList(data=[ModelCard(id=m.name, created=started, root=root, parent=m.parent) for m in visible])
+
+    @app.delete("/v1/models/{model:path}", dependencies=[Depends(project)])
+    async def delete_model(model: str, request: Request) -> ModelDeleted:
+        """Delete a fine-tuning job's model (of the caller's project) from the registry and from serving."""
+        if owner(model) != request.state.project or jobs is None:
+            raise UnknownModelError(model, [m.name for m in engine.models() if owner(m.name) == request.state.project])
+        deleted = await asyncio.to_thread(jobs.delete_model, model)
+        if not deleted:
+            raise UnknownModelError(model, [])
+        await follower.refresh()
+        return ModelDeleted(id=model, deleted=True)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(
-        body: ChatCompletionRequest, client: str | None = Depends(project)
+        body: ChatCompletionRequest, request: Request, client: str | None = Depends(project)
     ) -> ChatCompletion | StreamingResponse:
-        served = _served(engine, _checked(body).model)
+        served = served_to(request, _checked(body).model)
         sent = [m.as_chat() for m in body.messages]
         messages = with_system_prompt(sent, served)
         requested = body.response_format
@@ -211,9 +257,9 @@ def create_app(
 
     @app.post("/v1/completions", response_model=None)
     async def completions(
-        body: CompletionRequest, client: str | None = Depends(project)
+        body: CompletionRequest, request: Request, client: str | None = Depends(project)
     ) -> TextCompletion | StreamingResponse:
-        served = _served(engine, _checked(body).model)
+        served = served_to(request, _checked(body).model)
         sampling = _sampling(cfg, body, body.max_tokens, "max_tokens")
         check_capacity()
         head = TextCompletion(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=body.model, choices=[])
@@ -233,31 +279,39 @@ def create_app(
                                          body.correction, body.comment)
         return Feedback(**{k: v for k, v in stored.items() if k not in ("project", "pii_found")})
 
+    if jobs is not None:
+        app.include_router(jobs.router, dependencies=[Depends(project)])
     return app
 
 
-class BodyLimit:
-    """Answers 413 to a request whose body is larger than `max_bytes`, by its Content-Length or, when the
-    body is chunked, as soon as it has read that much."""
+@asynccontextmanager
+async def _nothing():
+    yield
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+
+class BodyLimit:
+    """Answers 413 to a request whose body is larger than `max_bytes` (or, under a path of `larger`, that
+    path's limit), by its Content-Length or, when the body is chunked, as soon as it has read that much."""
+
+    def __init__(self, app, max_bytes: int, larger: dict[str, int] | None = None):
+        self.app, self.default_max, self.larger = app, max_bytes, larger or {}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        limit = next((n for path, n in self.larger.items() if scope["path"].startswith(path)), self.default_max)
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._refuse(send)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await self._refuse(send, limit)
         seen, refused = 0, False
 
         async def counted():
             nonlocal seen, refused
             message = await receive()
             seen += len(message.get("body", b""))
-            if seen > self.max_bytes and not refused:
+            if seen > limit and not refused:
                 refused = True
-                await self._refuse(send)
+                await self._refuse(send, limit)
                 return {"type": "http.disconnect"}  # the app stops reading; what it answers is dropped
             return message
 
@@ -267,27 +321,43 @@ class BodyLimit:
 
         await self.app(scope, counted, unless_refused)
 
-    async def _refuse(self, send) -> None:
-        response = _error(413, f"the request body is larger than {self.max_bytes} bytes (serve.max_request_bytes)")
+    async def _refuse(self, send, limit: int) -> None:
+        setting = "serve.max_request_bytes" if limit == self.default_max else "api.max_file_bytes"
+        response = _error(413, f"the request body is larger than {limit} bytes ({setting})")
         await send({"type": "http.response.start", "status": 413, "headers": response.raw_headers})
         await send({"type": "http.response.body", "body": response.body})
 
 
-async def _follow_registry(engine: Engine, versions: Callable[[], list[ServedModel]], interval: float) -> None:
-    """Keep the engine in step with the registry: new versions and alias moves reach traffic within
-    `interval` seconds, without a restart."""
-    served = [(m.name, m.path) for m in engine.models()[1:]]
-    while True:
-        await asyncio.sleep(interval)
-        try:
-            wanted = await asyncio.to_thread(versions)
-            if [(m.name, m.path) for m in wanted] == served:
-                continue
-            now = await engine.sync(wanted)
+class RegistryFollower:
+    """Keeps the engine in step with the registry: new versions and alias moves reach traffic within the
+    reload interval, without a restart, or at once where a route asks (a fine-tuning job that just ended,
+    a deleted model)."""
+
+    def __init__(self, engine: Engine, versions: Callable[[], list[ServedModel]] | None):
+        self.engine, self.versions = engine, versions
+        self.lock = asyncio.Lock()
+        self.served: list | None = None
+
+    async def refresh(self) -> None:
+        if self.versions is None:
+            return
+        async with self.lock:
+            if self.served is None:
+                self.served = [(m.name, m.path) for m in self.engine.models()[1:]]
+            wanted = await asyncio.to_thread(self.versions)
+            if [(m.name, m.path) for m in wanted] == self.served:
+                return
+            now = await self.engine.sync(wanted)
             log.info("serving %s", ", ".join(m.name for m in now) or "the base model only")
-            served = [(m.name, m.path) for m in wanted]
-        except Exception:  # noqa: BLE001 - a registry that cannot be read now may be readable at the next look
-            log.exception("could not follow the registry; still serving the versions loaded before")
+            self.served = [(m.name, m.path) for m in wanted]
+
+    async def follow(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.refresh()
+            except Exception:  # noqa: BLE001 - a registry that cannot be read now may be readable at the next look
+                log.exception("could not follow the registry; still serving the versions loaded before")
 
 
 def _version_name(engine: Engine, served: ServedModel) -> str:
@@ -296,13 +366,6 @@ def _version_name(engine: Engine, served: ServedModel) -> str:
         return served.name
     numbered = re.compile(rf"{re.escape(served.name)}-v\d+")
     return next((m.name for m in engine.models() if m.path == served.path and numbered.fullmatch(m.name)), served.name)
-
-
-def _served(engine: Engine, name: str):
-    models = {m.name: m for m in engine.models()}
-    if name not in models:
-        raise UnknownModelError(name, list(models))
-    return models[name]
 
 
 def _checked(body):

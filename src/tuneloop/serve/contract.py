@@ -34,6 +34,13 @@ def served_models(base: BaseModelRef, versions: dict[str, Path]) -> tuple[Served
     return ServedModel(name=base.name, path=base.path), served
 
 
+def owner(name: str) -> str | None:
+    """The project a fine-tuning job's model belongs to, from its name `ft:<base>:<project>:<suffix>:<job id>`
+    (as OpenAI names them); None for every other served name."""
+    parts = name.split(":")
+    return parts[-3] if parts[0] == "ft" and len(parts) >= 5 else None
+
+
 def with_system_prompt(messages: list[dict[str, str]], model: ServedModel) -> list[dict[str, str]]:
     """`messages` with the version's system prompt in front, when the client sent no system message."""
     if model.system_prompt is None or any(m["role"] == "system" for m in messages):

@@ -250,6 +250,12 @@ class ModelCard(BaseModel):
     parent: str | None = None  # the base model's name for a fine-tuned version, None for the base itself
 
 
+class ModelDeleted(BaseModel):
+    id: str
+    deleted: bool
+    object: str = "model"
+
+
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]

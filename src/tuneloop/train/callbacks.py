@@ -83,3 +83,15 @@ class CheckpointEachEpoch(TrainerCallback):
 
     def on_epoch_end(self, args, state, control, **kwargs):
         control.should_save = True
+
+
+class RelayLogs(TrainerCallback):
+    """Hands every log the trainer writes (training loss, validation loss, learning rate) to `receive`
+    with the step and the run's total steps, on the main process."""
+
+    def __init__(self, receive) -> None:
+        self.receive = receive
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            self.receive(state.global_step, state.max_steps, dict(logs))

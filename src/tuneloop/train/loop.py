@@ -156,7 +156,10 @@ def _history(log_history: list[dict], keys: dict[str, str]) -> list[dict[str, fl
 
 
 def newest_checkpoint(directory: Path) -> Path | None:
-    found = sorted(directory.glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]))
+    """The newest complete checkpoint: one whose trainer state was written, which the Trainer writes last
+    (a process killed while saving leaves a checkpoint without it)."""
+    found = sorted((p for p in directory.glob("checkpoint-*") if (p / "trainer_state.json").is_file()),
+                   key=lambda p: int(p.name.rsplit("-", 1)[1]))
     return found[-1] if found else None
 
 
