@@ -38,10 +38,10 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 
 class Server:
-    def __init__(self, project: Path, model_dir: Path, max_steps: int = 4):
+    def __init__(self, project: Path, model_dir: Path, max_steps: int = 4, config: str | None = None):
         self.project, self.port = project, free_port()
         (project / "data.jsonl").write_text("")
-        (project / "config.yaml").write_text(f"""
+        (project / "config.yaml").write_text(config or f"""
 name: jobs
 base_model: {model_dir}
 data:
@@ -64,7 +64,7 @@ api:
   heartbeat_timeout: 4
   worker_threads: 1
 """)
-        self.base_model = model_dir.name
+        self.base_model = Path(model_dir).name
         self.process: subprocess.Popen | None = None
 
     def start(self) -> Server:
@@ -233,8 +233,13 @@ def test_requests_the_api_does_not_take_are_400s_naming_the_parameter(server, tm
             "type": "supervised", "supervised": {"hyperparameters": {"beta": 0.2}}})
     with pytest.raises(openai.BadRequestError, match="purpose"):
         client.files.create(file=(tmp_path / "d.jsonl").open("rb"), purpose="assistants")
+    made = [client.fine_tuning.jobs.create(training_file=uploaded.id, model=server.base_model) for _ in range(2)]
+    assert all(client.fine_tuning.jobs.cancel(j.id).status == "cancelled" for j in made)
+    with pytest.raises(openai.BadRequestError, match="has already cancelled"):
+        client.fine_tuning.jobs.cancel(made[0].id)
     page = client.fine_tuning.jobs.list(limit=1)
-    assert len(page.data) == 1 and page.has_more
+    assert [j.id for j in page.data] == [made[1].id] and page.has_more  # newest first
+    assert client.fine_tuning.jobs.list(limit=1, after=made[1].id).data[0].id == made[0].id
     assert client.files.delete(uploaded.id).deleted is True
     with pytest.raises(openai.NotFoundError):
         client.files.retrieve(uploaded.id)
@@ -261,35 +266,93 @@ def _alive(pid: int) -> bool:
         return False
 
 
-@pytest.mark.parametrize("victim", ["server", "worker"])
-def test_a_job_whose_server_or_worker_is_killed_still_ends(victim, tiny_model_dir, tmp_path):
-    server = Server(tmp_path, tiny_model_dir, max_steps=60).start()
+def _checkpointed(client: OpenAI, job_id: str, step: int):
+    """Wait until the job runs and has a checkpoint at `step` or later."""
+    return wait_for(client, job_id, timeout=180, until=lambda j: j.status not in ACTIVE or (j.status == "running" and any(
+        c.step_number >= step for c in client.fine_tuning.jobs.checkpoints.list(j.id, limit=100).data)))
+
+
+def _runner_of(server: Server) -> tuple[int, int]:
+    """(worker pid, runner pid) of the server's one worker and its running phase."""
+    (worker, _), = [c for c in _children(server.process.pid) if " worker " in c[1]]
+    (runner, _), = [c for c in _children(worker) if "tuneloop.jobs.runner" in c[1]]
+    return worker, runner
+
+
+def _gone(pid: int) -> bool:
+    deadline = time.monotonic() + 10
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not _alive(pid)
+
+
+def test_a_job_survives_a_killed_worker_and_then_a_killed_server(tiny_model_dir, tmp_path):
+    server = Server(tmp_path, tiny_model_dir, max_steps=20).start()
     try:
         client = server.client()
         uploaded = client.files.create(file=write_jsonl(tmp_path / "t.jsonl", openai_rows(40)).open("rb"),
                                        purpose="fine-tune")
         job = client.fine_tuning.jobs.create(training_file=uploaded.id, model=server.base_model, suffix="k")
-        running = wait_for(client, job.id, timeout=180, until=lambda j: j.status not in ACTIVE or any(
-            c.step_number >= 2 for c in client.fine_tuning.jobs.checkpoints.list(j.id).data))
-        assert running.status == "running", running
-        (worker, _), = [c for c in _children(server.process.pid) if " worker " in c[1]]
-        (runner, _), = [c for c in _children(worker) if "tuneloop.jobs.runner" in c[1]]
-        os.kill(server.process.pid if victim == "server" else worker, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while _alive(runner) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not _alive(runner)  # nothing trains on unwatched
-        if victim == "server":
-            server.process.wait()
-            server.start()
+        assert _checkpointed(client, job.id, 2).status == "running"
+
+        worker, runner = _runner_of(server)
+        os.kill(worker, signal.SIGKILL)  # 1. a worker dies mid-job: the server starts another, the job resumes
+        assert _gone(runner)  # nothing trains on unwatched
+        reached = max(c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id, limit=100).data)
+        assert _checkpointed(client, job.id, reached + 2).status == "running"
+
+        _, runner = _runner_of(server)
+        os.kill(server.process.pid, signal.SIGKILL)  # 2. the server dies mid-job: its worker and phase die too
+        server.process.wait()
+        assert _gone(runner)
+        server.start()
         done = wait_for(client, job.id, timeout=300)
-        messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=1000).data]
-        assert any(m.startswith("Worker lost:") for m in messages), messages
-        assert done.status == "succeeded" or (done.status == "failed" and done.error.message), done
-        assert done.status == "succeeded", (done.error, server.output())  # here it resumes and ends
-        assert any("again (attempt 2), from its newest checkpoint" in m for m in messages), messages
-        steps = [e.data["step"] for e in client.fine_tuning.jobs.list_events(job.id, limit=1000).data
-                 if e.type == "metrics" and "train_loss" in e.data]
-        assert max(steps) == 60 and steps.count(1) <= 1  # resumed where its checkpoint was, not from step 1
+
+        events = list(reversed(client.fine_tuning.jobs.list_events(job.id, limit=1000).data))
+        messages = [e.message for e in events]
+        assert done.status == "succeeded", (done.error, messages, server.output())
+        assert sum(m.startswith("Worker lost:") for m in messages) == 2, messages
+        assert any("again (attempt 3), from its newest checkpoint" in m for m in messages), messages
+        steps = [e.data["step"] for e in events if e.type == "metrics" and "train_loss" in e.data]
+        assert steps.count(1) == 1 and max(steps) == 20  # each start resumed from a checkpoint, none from step 1
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_the_default_model_fine_tuned_through_the_api_passes_the_gate(tmp_path):
+    """The bundled ticket-triage example in OpenAI's format, on the default model, with the gate enforced."""
+    import yaml
+
+    example = yaml.safe_load((EXAMPLE / "config.yaml").read_text())
+    rows = [json.loads(line) for line in (EXAMPLE / "data.jsonl").read_text().splitlines()]
+    training = write_jsonl(tmp_path / "tickets.jsonl", [
+        {"messages": [{"role": "system", "content": example["data"]["system_prompt"]}, *row["messages"]]}
+        for row in rows
+    ])
+    server = Server(tmp_path, Path("smollm2-135m-instruct"), config="""
+name: jobs
+data:
+  path: data.jsonl
+eval:
+  max_new_tokens: 80
+monitor:
+  log_requests: false
+""").start()
+    try:
+        client = server.client("unused")
+        uploaded = client.files.create(file=training.open("rb"), purpose="fine-tune")
+        job = client.fine_tuning.jobs.create(training_file=uploaded.id, model="smollm2-135m-instruct", seed=7,
+                                             suffix="triage", method={"type": "supervised", "supervised": {
+                                                 "hyperparameters": {"n_epochs": 1}}})
+        job = wait_for(client, job.id, timeout=3600)
+        events = [e.message for e in reversed(client.fine_tuning.jobs.list_events(job.id, limit=1000).data)]
+        print("\n".join(e for e in events if not e.startswith("Step ")))
+        assert job.status == "succeeded", job.error
+        assert any(m.endswith("Gate passed") for m in events), events
+        reply = client.chat.completions.create(model=job.fine_tuned_model, max_tokens=80, messages=[
+            {"role": "system", "content": example["data"]["system_prompt"]},
+            {"role": "user", "content": "I was charged twice for my Ledgerly plan this month."}])
+        print(reply.choices[0].message.content)
     finally:
         server.stop()

@@ -46,8 +46,9 @@ def main(argv: list[str]) -> int:
     try:
         run.validate() if phase == "validate" else run.train()
     except TuneloopError as err:
-        run.fail("invalid_training_file" if phase == "validate" else "training_failed", run.shown(str(err)),
-                 "training_file" if phase == "validate" else None)
+        training = run.job["status"] == "running"
+        run.fail("training_failed" if training else "invalid_training_file", run.shown(str(err)),
+                 None if training else "training_file")
     except Exception as err:  # noqa: BLE001 - the job must end failed, with the reason, whatever went wrong
         traceback.print_exc()
         run.fail("internal_error", f"{type(err).__name__}: {str(err)[:500]} (the traceback is in the worker's log)")
@@ -109,9 +110,15 @@ class PhaseRun:
         self.event(f"Test split: {c['test']} rows of the training file held out for the evaluation "
                    f"({self.cfg.data.test_fraction:.0%}, seed {self.cfg.data.seed}); validation: {c['val']} rows"
                    + (" from the validation file" if self.job["validation_file"] else " of the training file"))
-        if self.store.update(self.job["id"], {"status": "validating_files", "worker": self.worker},
-                             status="queued", worker=None, heartbeat=None):
-            self.event("Job queued for training")
+        if not self.store.update(self.job["id"], {"status": "validating_files", "worker": self.worker},
+                                 status="queued", worker=None, heartbeat=None):
+            return  # cancelled meanwhile
+        self.event("Job queued for training")
+        # This worker holds a slot for the job already: it trains it now, in this process, unless another
+        # took it first. (A job queued again after a lost worker goes through the queue.)
+        if self.store.claim(self.job["id"], "queued", "running", self.worker):
+            self.job = self.store.job(self.job["id"])
+            self.train()
 
     def _rejects(self) -> list[dict]:
         path = self.run_dir / "data" / "rejects.jsonl"
