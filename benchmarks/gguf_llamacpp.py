@@ -105,7 +105,7 @@ def main() -> None:
 
     build_s = ensure_llama_cpp(args.venv)
     cfg = load_config(args.config)
-    max_tokens = args.max_new_tokens or cfg.eval.max_new_tokens
+    max_tokens = args.max_new_tokens or cfg.eval.max_new_tokens or 128
     prompts, schema = test_prompts(cfg, args.rows)
     base = resolve_base_model(cfg.base_model, cfg.cache_dir, cfg.trust_remote_code)
     if args.adapter is None:

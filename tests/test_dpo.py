@@ -81,6 +81,14 @@ def test_dpo_raises_the_chosen_over_rejected_margin(tiny_model_dir, tmp_path):
     assert sum(margins) / len(margins) > 3.0, margins
     assert min(margins) > 0, margins
 
+    # Held-out style preference accuracy (length-normalised likelihoods), as evaluation reports it.
+    from tuneloop.evaluate.preference import preference_wins
+
+    rows = [json.loads(line) for line in data.train.read_text().splitlines()][:8]
+    tuned, untuned = preference_wins(base, adapter.dir, rows), preference_wins(base, None, rows)
+    assert len(tuned) == len(rows) and set(tuned) <= {0.0, 1.0}
+    assert sum(tuned) / len(tuned) >= 0.9 and sum(tuned) > sum(untuned), (tuned, untuned)
+
     # A checkpoint was kept at each epoch's end; a resumed run continues from the newest one.
     assert (tmp_path / "train" / "checkpoints" / "checkpoint-16").is_dir()
     resumed = train(cfg.model_copy(update={"max_steps": 18}), data, base, tmp_path, resume=True)

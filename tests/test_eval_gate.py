@@ -91,7 +91,7 @@ def test_baseline_only_has_no_verdict(rows, tmp_path):
 def test_metric_options_are_checked_against_the_grader():
     with pytest.raises(ValueError, match="needs `pattern`"):
         MetricConfig(name="regex")
-    with pytest.raises(ValueError, match="classification grader only"):
+    with pytest.raises(ValueError, match="classification( and item_f1)? graders? only"):
         MetricConfig(name="rouge_l", field="category")
     assert EvalConfig().bootstrap_resamples == 1000
 

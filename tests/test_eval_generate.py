@@ -73,3 +73,22 @@ def test_batched_answers_equal_each_prompt_generated_alone(tiny_model_dir, tiny_
     assert widths[0] == len(prefix)  # encoded once ...
     assert max(widths[1:]) == max(len(ids) for ids in encoded) - len(prefix)  # ... and never again
     assert [g.prompt_tokens for g in batched] == [len(ids) for ids in encoded]
+
+
+def test_evaluation_answers_with_the_adapter_merged_as_the_unmerged_adapter_does(tiny_model_dir, tiny_adapter_dir):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tuneloop.artifacts import BaseModelRef
+    from tuneloop.evaluate.generate import load_for_generation
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    unmerged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tiny_adapter_dir)
+    _, merged = load_for_generation(BaseModelRef("tiny", tiny_model_dir), tiny_adapter_dir)
+    assert not isinstance(merged, PeftModel)  # plain weights: no LoRA matmuls at generation time
+    with torch.inference_mode():
+        expected = answer_prompts(unmerged.eval(), tokenizer, PROMPTS, max_new_tokens=12, batch_size=2)
+        got = answer_prompts(merged.eval(), tokenizer, PROMPTS, max_new_tokens=12, batch_size=2)
+    assert [g.text for g in got] == [g.text for g in expected]
+    assert sum(g.completion_tokens for g in got) > 20

@@ -143,3 +143,63 @@ def test_metric_set_on_a_json_answer_with_one_wrong_field_and_a_malformed_one():
     assert graded.per_row["category.accuracy"] == [1.0, 1.0, 0.0]
     assert graded.metrics["json_valid"] == pytest.approx(2 / 3)
     assert graded.classification["category"]["confusion"][0][-1] == 1  # the malformed answer: (invalid)
+
+
+LINE_ITEMS = {"type": "object", "properties": {
+    "vendor": {"type": "string"},
+    "items": {"type": "array", "items": {"type": "object", "required": ["name", "qty"],
+                                         "properties": {"name": {"type": "string"}, "qty": {"type": "integer"},
+                                                        "note": {"type": "string"}}}},
+}}
+LINE_REFERENCE = json.dumps({"vendor": "Acme", "items": [{"name": "Blue Widget", "qty": 2}, {"name": "bolt", "qty": 10}]})
+
+
+@pytest.mark.parametrize("answer, expected", [
+    ({"items": [{"name": "Blue Widget", "qty": 2}, {"name": "bolt", "qty": 10}]}, (2, 2, 2)),  # exact
+    ({"items": [{"name": "  blue   WIDGET ", "qty": 2, "note": "x"}, {"name": "BOLT", "qty": 10}]}, (2, 2, 2)),  # case, space, extra field
+    ({"items": [{"name": "Blue Widget", "qty": 2}]}, (1, 1, 2)),  # a missing item
+    ({"items": [{"name": "Blue Widget", "qty": 2}, {"name": "bolt", "qty": 10}, {"name": "nut", "qty": 1}]}, (2, 3, 2)),  # an extra item
+    ({"items": [{"name": "Blue Widget", "qty": "2"}, "bolt x10"]}, (0, 2, 2)),  # a wrong type: a string quantity, a string item
+    ({"items": [{"name": "bolt", "qty": 10}, {"name": "bolt", "qty": 10}]}, (1, 2, 2)),  # one reference item matches once
+    ("not json", (0, 0, 2)),
+])
+def test_list_items_are_matched_one_to_one_on_their_key_fields(answer, expected):
+    from tuneloop.evaluate import graders
+
+    text = answer if isinstance(answer, str) else json.dumps(answer)
+    assert graders.item_counts(text, LINE_REFERENCE, "items", ["name", "qty"]) == expected
+
+
+def test_item_precision_recall_and_f1():
+    from tuneloop.evaluate import graders
+
+    assert graders.item_scores((1, 1, 2)) == (1.0, 0.5, pytest.approx(2 / 3))
+    assert graders.item_scores((2, 3, 2)) == (pytest.approx(2 / 3), 1.0, pytest.approx(0.8))
+    assert graders.item_scores((0, 0, 0)) == (1.0, 1.0, 1.0)  # nothing expected, nothing given
+    assert graders.item_scores((0, 0, 2)) == (0.0, 0.0, 0.0)
+    assert graders.item_counts('{"items": []}', '{"vendor": "x"}', "items", None) is None  # not applicable
+
+
+def test_an_array_of_objects_in_the_schema_gets_item_metrics_by_default():
+    from tuneloop.evaluate.metrics import default_metrics, grade
+
+    specs = default_metrics(LINE_ITEMS)
+    (items,) = [s for s in specs if s.name == "item_f1"]
+    assert (items.field, items.keys, items.gate) == ("items", ["name", "qty"], False)
+    answers = [json.dumps({"vendor": "Acme", "items": [{"name": "blue widget", "qty": 2}]})]
+    metrics = grade([items], [LINE_REFERENCE], answers, LINE_ITEMS).metrics
+    assert metrics == {"items.f1": pytest.approx(2 / 3), "items.precision": 1.0, "items.recall": 0.5}
+
+
+def test_label_answers_are_scored_on_accuracy_and_macro_f1_by_default():
+    from tuneloop.evaluate.metrics import default_metrics, gate_keys, grade
+
+    train = ["positive", "negative", "neutral", "Positive."] * 10
+    specs = default_metrics(None, train)
+    assert [s.name for s in specs] == ["classification", "exact_match"]
+    assert gate_keys(specs, None) == ["label.accuracy"] and specs[0].labels == ["negative", "neutral", "positive"]
+    metrics = grade(specs, ["positive", "negative", "neutral"], ["Positive", "neutral", "neutral"], None).metrics
+    assert metrics["label.accuracy"] == pytest.approx(2 / 3) and 0 < metrics["label.macro_f1"] < 1
+    free_text = [f"a sentence about thing {i}" for i in range(40)]
+    assert [s.name for s in default_metrics(None, free_text)] == ["rouge_l", "exact_match"]
+    assert [s.name for s in default_metrics(None, [f"label {i}" for i in range(21)] * 3)][0] == "rouge_l"

@@ -220,6 +220,23 @@ def test_a_few_bad_lines_are_listed_and_the_job_goes_on(server, tmp_path):
     assert client.fine_tuning.jobs.retrieve(job.id).status == "cancelled"  # the worker stopped, nothing finished it
 
 
+def test_a_dpo_job_on_openai_preference_rows_reports_preference_accuracy(server, tmp_path):
+    client = server.client()
+    rows = [{"input": {"messages": row["messages"][:-1]}, "preferred_output": [row["messages"][-1]],
+             "non_preferred_output": [{"role": "assistant", "content": "Sorry, I cannot triage this ticket."}]}
+            for row in openai_rows(20)]
+    uploaded = client.files.create(file=write_jsonl(tmp_path / "prefs.jsonl", rows).open("rb"), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(training_file=uploaded.id, model=server.base_model, suffix="dpo",
+                                         method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2}}})
+    assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.2
+    job = wait_for(client, job.id)
+    assert job.status == "succeeded", (job.error, server.output())
+    events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
+    (verdict,) = [e for e in events if e.message.startswith("Evaluation on")]
+    assert "preference_accuracy" in verdict.data["baseline"] and "preference_accuracy" in verdict.data["fine_tuned"]
+    assert 0.0 <= verdict.data["fine_tuned"]["preference_accuracy"] <= 1.0
+
+
 def test_requests_the_api_does_not_take_are_400s_naming_the_parameter(server, tmp_path):
     client = server.client()
     uploaded = client.files.create(file=write_jsonl(tmp_path / "d.jsonl", openai_rows(3)).open("rb"),

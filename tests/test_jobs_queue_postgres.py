@@ -11,6 +11,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.test_request_log_postgres import postgres_url  # noqa: F401  (a throwaway cluster)
 from tuneloop.config import load_config
 from tuneloop.jobs.config import resolved_method
@@ -21,6 +23,7 @@ from tuneloop.jobs.store import JobStore, store_url
 JOBS = 6
 
 
+@pytest.mark.slow  # half a minute of worker processes; run with -m slow (it passed on this project's machine)
 def test_two_workers_on_one_postgresql_queue_never_take_the_same_job(postgres_url, tiny_model_dir, tmp_path):  # noqa: F811
     (tmp_path / "config.yaml").write_text(f"""
 name: shared

@@ -174,8 +174,9 @@ CheckpointGrader = Literal[
     "rouge_l",
     "bleu",
     "chrf",
+    "item_f1",
 ]
-GraderName = Literal[CheckpointGrader, "embedding_similarity", "judge", "pairwise"]
+GraderName = Literal[CheckpointGrader, "embedding_similarity", "judge", "pairwise", "preference_accuracy"]
 
 
 class MetricConfig(Section):
@@ -184,7 +185,14 @@ class MetricConfig(Section):
         default=False, description="Promote only when the fine-tune beats the baseline here (CI of the difference > 0)."
     )
     field: str | None = Field(
-        default=None, description="classification: the JSON field holding the label (default: the whole answer)."
+        default=None,
+        description="classification: the JSON field holding the label (default: the whole answer); item_f1: the "
+        "field holding the list of objects (default: the answer is the list).",
+    )
+    keys: list[str] | None = Field(
+        default=None,
+        description="item_f1: the item fields two items are matched on (default: every field of the reference's "
+        "items); strings compared without case, whitespace collapsed.",
     )
     labels: list[str] | None = Field(
         default=None, description="classification: the label set (default: the schema's enum, else the references')."
@@ -200,8 +208,12 @@ class MetricConfig(Section):
             raise ValueError("the regex grader needs `pattern`")
         if self.pattern is not None and self.name != "regex":
             raise ValueError("`pattern` applies to the regex grader only")
-        if (self.field is not None or self.labels is not None) and self.name != "classification":
-            raise ValueError("`field` and `labels` apply to the classification grader only")
+        if self.labels is not None and self.name != "classification":
+            raise ValueError("`labels` applies to the classification grader only")
+        if self.field is not None and self.name not in ("classification", "item_f1"):
+            raise ValueError("`field` applies to the classification and item_f1 graders only")
+        if self.keys is not None and self.name != "item_f1":
+            raise ValueError("`keys` applies to the item_f1 grader only")
         if self.fields is not None and self.name != "field_accuracy":
             raise ValueError("`fields` applies to the field_accuracy grader only")
         return self
@@ -245,7 +257,12 @@ class JudgeConfig(EndpointConfig):
 
 
 class EvalConfig(Section):
-    max_new_tokens: int = Field(default=128, gt=0, description="Longest generated answer.")
+    max_new_tokens: int | None = Field(
+        default=None, gt=0,
+        description="Longest generated answer (default: the longest training answer in tokens plus a quarter, at "
+        "least 16 more, so no answer of the reference's length is cut). Answers that reach it are counted as "
+        "`truncated` in the reports.",
+    )
     batch_size: int = Field(default=32, gt=0, description="Prompts generated together (one KV cache, greedy).")
     max_rows: int | None = Field(default=None, gt=0, description="Evaluate only the first N test rows.")
     metrics: list[MetricConfig] = Field(

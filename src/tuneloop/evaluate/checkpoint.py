@@ -10,7 +10,7 @@ from tuneloop.artifacts import Dataset
 from tuneloop.config import EvalConfig, MetricConfig
 from tuneloop.errors import TuneloopError
 from tuneloop.evaluate import metrics as metric_set
-from tuneloop.evaluate.generate import answer_prompts
+from tuneloop.evaluate.generate import answer_budget, answer_prompts
 from tuneloop.train import CheckpointScorer
 
 
@@ -32,8 +32,12 @@ def checkpoint_scorer(cfg: EvalConfig, data: Dataset) -> CheckpointScorer | None
     references = [row["messages"][-1]["content"] for row in rows]
     key = metric_set.metric_key(spec)
 
+    budget: list[int] = [cfg.max_new_tokens] if cfg.max_new_tokens else []
+
     def score(model, tokenizer) -> float:
-        answers = answer_prompts(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size)
+        if not budget:
+            budget.append(answer_budget(tokenizer, data.train))
+        answers = answer_prompts(model, tokenizer, prompts, budget[0], cfg.batch_size)
         return metric_set.grade([spec], references, [a.text for a in answers], schema).metrics[key]
 
     return CheckpointScorer(name=key, score=score)

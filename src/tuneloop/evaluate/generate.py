@@ -4,6 +4,7 @@ prompts first."""
 from __future__ import annotations
 
 import copy
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,17 @@ class Generation:
     latency_ms: float  # the batch's wall time shared among its rows
     prompt_tokens: int
     completion_tokens: int
+
+
+def answer_budget(tokenizer, train: Path) -> int:
+    """The default generation budget: the longest training answer in tokens plus a quarter (at least 16
+    tokens more), so that no answer as long as the references is cut."""
+    longest = 0
+    with train.open(encoding="utf-8") as handle:
+        for line in handle:
+            answer = json.loads(line)["messages"][-1]["content"]
+            longest = max(longest, len(tokenizer(answer, add_special_tokens=False).input_ids))
+    return longest + max(16, longest // 4)
 
 
 def model_kind(directory: Path) -> str:
@@ -173,9 +185,10 @@ def load_for_generation(base: BaseModelRef, model_dir: Path | None):
         return load_tokenizer(base), load_model(base)
     try:
         if model_kind(model_dir) == "adapter":
-            from peft import PeftModel
+            from tuneloop.train.merge import merged_model
 
-            return load_tokenizer(base), PeftModel.from_pretrained(load_model(base), model_dir)
+            # Folded into a copy of the base: it answers as the adapter does, at the base model's speed.
+            return load_tokenizer(base), merged_model(base, model_dir)
         full = BaseModelRef(str(model_dir), model_dir, base.trust_remote_code)
         # A merged model saved without its tokenizer answers with the base model's.
         has_tokenizer = (model_dir / "tokenizer_config.json").is_file()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,58 @@ def categorical_fields(schema: dict) -> list[str]:
         if "enum" in spec or "const" in spec or spec.get("type") in ("boolean", "integer", "number"):
             closed.append(name)
     return closed
+
+
+def object_arrays(schema: dict | None) -> dict[str, list[str] | None]:
+    """Top-level properties whose value is an array of objects (entities, line items), each with the item
+    fields two items are matched on: the item schema's required fields, else all of them (None)."""
+    arrays: dict[str, list[str] | None] = {}
+    for name, spec in (schema or {}).get("properties", {}).items():
+        items = spec.get("items") if spec.get("type") == "array" else None
+        if isinstance(items, dict) and (items.get("type") == "object" or "properties" in items):
+            arrays[name] = list(items.get("required") or []) or None
+    return arrays
+
+
+def item_counts(answer: str, reference: str, field: str | None, keys: list[str] | None) -> tuple[int, int, int] | None:
+    """(matched, predicted, expected) items of the list in `field` of a JSON-object answer (or of a JSON
+    list answer, without `field`). Items are matched one to one on their `keys` fields (default: every field
+    of the reference's items), strings compared without case and with whitespace collapsed; a predicted
+    item that is not an object matches nothing. None when the reference holds no such list."""
+    expected = _items(parse_json(reference), field)
+    if expected is None:
+        return None
+    predicted = _items(parse_json(answer), field) or []
+    keys = keys or sorted({k for item in expected if isinstance(item, dict) for k in item})
+    wanted = Counter(_item_key(item, keys) for item in expected)
+    got = Counter(_item_key(item, keys) for item in predicted)
+    matched = sum((wanted & got).values()) - (wanted & got).get(None, 0)
+    return matched, len(predicted), len(expected)
+
+
+def item_scores(counts: tuple[int, int, int]) -> tuple[float, float, float]:
+    """(precision, recall, F1) of one answer's items; an empty list where none is expected is perfect."""
+    matched, predicted, expected = counts
+    precision = matched / predicted if predicted else float(expected == 0)
+    recall = matched / expected if expected else float(predicted == 0)
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return precision, recall, f1
+
+
+def _items(parsed: Any, field: str | None) -> list | None:
+    value = parsed.get(field) if field is not None and isinstance(parsed, dict) else parsed if field is None else None
+    return value if isinstance(value, list) else None
+
+
+def _item_key(item: Any, keys: list[str]) -> str | None:
+    if not isinstance(item, dict):
+        return None
+    chosen = {k: item.get(k) for k in keys}
+    return json.dumps({k: _normal(v) for k, v in chosen.items()}, sort_keys=True)
+
+
+def _normal(value: Any) -> Any:
+    return " ".join(value.split()).casefold() if isinstance(value, str) else value
 
 
 def _same(got: Any, expected: Any) -> bool:

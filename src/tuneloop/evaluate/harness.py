@@ -17,9 +17,10 @@ from tuneloop.evaluate import metrics as metric_set
 from tuneloop.evaluate.endpoint import Endpoint
 from tuneloop.evaluate.eval_report import write_eval_report
 from tuneloop.evaluate.gate import decide
-from tuneloop.evaluate.generate import Generation, generate_answers, model_kind
+from tuneloop.evaluate.generate import Generation, answer_budget, generate_answers, model_kind
 from tuneloop.evaluate.graders import embedding_model_dir
 from tuneloop.evaluate.judge import Judge, compare_answers, normalised, score_answers
+from tuneloop.evaluate.preference import has_pairs, preference_wins
 from tuneloop.evaluate.report import write_report
 from tuneloop.evaluate.shots import draw_shots, with_shots
 from tuneloop.evaluate.stats import bootstrap, flips
@@ -47,6 +48,10 @@ def evaluate(
     the candidate `candidate_name` (default: "fine-tuned" for the run's adapter, else what `model` is).
     Baseline answers are reused while the base model, test rows and generation settings are unchanged."""
     out = run_dir / "eval"
+    if cfg.max_new_tokens is None:
+        from tuneloop.models import load_tokenizer
+
+        cfg = cfg.model_copy(update={"max_new_tokens": answer_budget(load_tokenizer(base), data.train)})
     target = model if model is not None else (adapter.dir if adapter is not None else None)
     for directory in (target, production):
         if isinstance(directory, Path):
@@ -70,13 +75,27 @@ def evaluate(
             candidate = endpoint.generate_answers(target, prompts, cfg.max_new_tokens, "candidate")
         else:
             candidate = _local(cfg, base, target, "candidate")(prompts)
+    preferences = _preferences(cfg, base, rows, target, production)
     if isinstance(target, Endpoint):
         source, default_name = f"{target.model} at {target.base_url}", f"{target.model} (endpoint)"
     else:
         source = None if target is None else str(target.resolve())
         default_name = "fine-tuned" if model is None or target is None else target.name
     return compare(cfg, data, rows, baseline, candidate, run_dir, adapter if model is None else None, opponents, judge,
-                   candidate_name or default_name, source)
+                   candidate_name or default_name, source, preferences)
+
+
+def _preferences(cfg: EvalConfig, base: BaseModelRef, rows: list[dict], target: Model | None,
+                 production: Path | None) -> dict[str, list[float]]:
+    """Preference accuracy per side (baseline, candidate, production) when the test rows are preference pairs;
+    an endpoint gives no likelihoods and gets none."""
+    if not has_pairs(rows):
+        if any(m.name == "preference_accuracy" for m in cfg.metrics):
+            raise TuneloopError("metric preference_accuracy needs preference pairs (a rejected answer) in every test row")
+        return {}
+    sides = {"baseline": None, "candidate": target, "production": production}
+    return {side: preference_wins(base, directory, rows) for side, directory in sides.items()
+            if side == "baseline" or isinstance(directory, Path)}
 
 
 def _local(cfg: EvalConfig, base: BaseModelRef, model_dir: Path | None, label: str) -> Callable[[list], list[Generation]]:
@@ -110,6 +129,7 @@ def compare(
     judge: Judge | None = None,
     candidate_name: str = "fine-tuned",
     candidate_source: str | None = None,
+    preferences: dict[str, list[float]] | None = None,
 ) -> EvalReport:
     """Grade the answers of the baseline, the further `opponents` (name -> answers) and the candidate
     (`candidate_name` in the reports, scored from `candidate_source`), bootstrap the intervals, decide the
@@ -118,7 +138,7 @@ def compare(
     if judge is not None and judge.memo_path is None:
         judge = dataclasses.replace(judge, memo_path=out / "judgments.json")
     schema = json.loads(data.answer_schema.read_text(encoding="utf-8")) if data.answer_schema else None
-    specs = cfg.metrics or metric_set.default_metrics(schema)
+    specs = cfg.metrics or metric_set.default_metrics(schema, _train_answers(data) if schema is None else None)
     gated = metric_set.gate_keys(specs, schema)
     answers = {"baseline": baseline, **(opponents or {})}
     others = list(answers)
@@ -127,7 +147,7 @@ def compare(
 
     # 1. Grade each side (the judge scores each answer on its own), then judge the candidate against each
     #    opponent pairwise; keep every side's answers and scores on disk.
-    graded, versus = _grade_sides(specs, rows, answers, schema, judge)
+    graded, versus = _grade_sides(specs, rows, answers, schema, judge, cfg.max_new_tokens, preferences or {})
     sides = {side: _save_side(out / _slug(side), rows, answers[side], g) for side, g in graded.items()}
 
     # 2. Paired bootstrap: the same resampled rows (same seed) for every side and metric.
@@ -168,6 +188,13 @@ def compare(
     return report
 
 
+def _train_answers(data: Dataset) -> list[str] | None:
+    """The training split's answers, which decide whether the answers are labels; None without the split."""
+    if data.train is None or not Path(data.train).is_file():
+        return None
+    return [row["messages"][-1]["content"] for row in _read_rows(data.train, None)]
+
+
 def _remove_stale(out: Path, run_dir: Path, current: list[str]) -> None:
     """Sides and reports an earlier evaluation wrote that this one does not (a candidate, production, a
     few-shot baseline), so that nothing on disk contradicts the new meta.json."""
@@ -180,9 +207,11 @@ def _remove_stale(out: Path, run_dir: Path, current: list[str]) -> None:
 
 
 def _grade_sides(specs: list, rows: list[dict], answers: dict[str, list[Generation]], schema: dict | None,
-                 judge: Judge | None) -> tuple[dict[str, metric_set.Graded], dict[str, metric_set.Graded]]:
+                 judge: Judge | None, budget: int | None, preferences: dict[str, list[float]]
+                 ) -> tuple[dict[str, metric_set.Graded], dict[str, metric_set.Graded]]:
     """Every side's grades, and the candidate's grades against each opponent (they differ in `pairwise`)."""
-    graded = {side: _grade(specs, rows, gens, schema, judge) for side, gens in answers.items()}
+    graded = {side: _grade(specs, rows, gens, schema, judge, budget, preferences.get(side))
+              for side, gens in answers.items()}
     if "candidate" not in answers:
         return graded, {}
     versus = {side: _pairwise(specs, rows, graded, side, answers, judge) for side in answers if side != "candidate"}
@@ -190,10 +219,15 @@ def _grade_sides(specs: list, rows: list[dict], answers: dict[str, list[Generati
     return graded, versus
 
 
-def _grade(specs: list, rows: list[dict], generations: list[Generation], schema: dict | None, judge: Judge | None):
+def _grade(specs: list, rows: list[dict], generations: list[Generation], schema: dict | None, judge: Judge | None,
+           budget: int | None = None, preferred: list[float] | None = None):
     references = [row["messages"][-1]["content"] for row in rows]
     answers = [g.text for g in generations]
     graded = metric_set.grade(specs, references, answers, schema)
+    if budget is not None:  # answers cut by the generation budget, shown as such in the reports
+        graded.add("truncated", [float(g.completion_tokens >= budget) for g in generations])
+    if preferred is not None:
+        graded.add("preference_accuracy", preferred)
     if any(s.name == "judge" for s in specs):
         scores = score_answers(_needed(judge), _prompts(rows), references, answers)
         graded.add("judge", [normalised(s) for s in scores])
@@ -282,5 +316,5 @@ def _flips(baseline: dict[str, list], candidate: dict[str, list]) -> dict[str, d
 
 
 def _judge_side_metric(name: str) -> bool:
-    # pairwise is one comparison seen from both sides, and an unparsed count is not a pass/fail grade
-    return name.startswith("pairwise") or name.endswith(".unparsed")
+    # pairwise is one comparison seen from both sides; an unparsed count and a cut answer are not pass/fail grades
+    return name.startswith("pairwise") or name.endswith(".unparsed") or name == "truncated"

@@ -27,10 +27,19 @@ class Graded:
         self.statistics[name] = mean_statistic(scores)
 
 
-def default_metrics(schema: dict | None) -> list[MetricConfig]:
-    """JSON validity, schema compliance (the gate), per-field accuracy, label accuracy on the first enum
-    field, ROUGE-L and exact match with a schema; ROUGE-L (the gate) and exact match without."""
+MAX_LABELS = 20  # answers drawn from at most this many distinct values are labels
+
+
+def default_metrics(schema: dict | None, train_answers: list[str] | None = None) -> list[MetricConfig]:
+    """With a schema: JSON validity, schema compliance (the gate), per-field accuracy, label accuracy on the
+    first enum field, item precision/recall/F1 for each array of objects, ROUGE-L and exact match. Without
+    one, for answers that are labels (at most 20 distinct training answers, each used twice on average):
+    accuracy (the gate) and macro-F1 over those labels, and exact match; else ROUGE-L (the gate) and exact
+    match."""
     if schema is None:
+        labels = sorted({graders.extract_label(a, None) for a in train_answers or []} - {None, ""})
+        if labels and len(labels) <= MAX_LABELS and 2 * len(labels) <= len(train_answers or []):
+            return [MetricConfig(name="classification", gate=True, labels=labels), MetricConfig(name="exact_match")]
         return [MetricConfig(name="rouge_l", gate=True), MetricConfig(name="exact_match")]
     specs = [
         MetricConfig(name="json_valid"),
@@ -40,6 +49,7 @@ def default_metrics(schema: dict | None) -> list[MetricConfig]:
     enum_fields = [name for name, spec in schema.get("properties", {}).items() if "enum" in spec]
     if enum_fields:
         specs.append(MetricConfig(name="classification", field=enum_fields[0]))
+    specs += [MetricConfig(name="item_f1", field=name, keys=keys) for name, keys in graders.object_arrays(schema).items()]
     return [*specs, MetricConfig(name="rouge_l"), MetricConfig(name="exact_match")]
 
 
@@ -47,6 +57,8 @@ def metric_key(spec: MetricConfig) -> str:
     """The name a metric's headline value is reported and gated under."""
     if spec.name == "classification":
         return f"{spec.field or 'label'}.accuracy"
+    if spec.name == "item_f1":
+        return f"{spec.field or 'items'}.f1"
     return spec.name
 
 
@@ -71,12 +83,14 @@ def grade(specs: list[MetricConfig], references: list[str], answers: list[str], 
                 _field_accuracy(graded, spec, references, answers, schema)
             case "classification":
                 _classification(graded, spec, references, answers, schema)
+            case "item_f1":
+                _item_f1(graded, spec, references, answers)
             case "bleu" | "chrf":
                 _corpus(graded, spec, references, answers)
             case "embedding_similarity":
                 graded.add("embedding_similarity", graders.embedding_similarity(answers, references))
-            case "judge" | "pairwise":
-                continue  # these need the prompts and a judge model: the harness adds them (judge.py)
+            case "judge" | "pairwise" | "preference_accuracy":
+                continue  # these need the prompts and a model: the harness adds them (judge.py, preference.py)
             case _:
                 _rowwise(graded, spec, references, answers, schema)
     return graded
@@ -116,6 +130,15 @@ def _classification(graded: Graded, spec: MetricConfig, references: list[str], a
         "predicted": predicted,
         "reference": truth,
     }
+
+
+def _item_f1(graded: Graded, spec: MetricConfig, references: list[str], answers: list[str]) -> None:
+    counts = [graders.item_counts(a, r, spec.field, spec.keys) for a, r in zip(answers, references)]
+    scores = [None if c is None else graders.item_scores(c) for c in counts]
+    prefix = spec.field or "items"
+    graded.add(f"{prefix}.f1", [None if s is None else s[2] for s in scores])
+    graded.add(f"{prefix}.precision", [None if s is None else s[0] for s in scores])
+    graded.add(f"{prefix}.recall", [None if s is None else s[1] for s in scores])
 
 
 def _corpus(graded: Graded, spec: MetricConfig, references: list[str], answers: list[str]) -> None:

@@ -39,6 +39,7 @@ def jobs_api(cfg: RunConfig, base_model: str) -> JobsApi:
     async def running():
         config_file = cfg.jobs_dir / "server-config.yaml"  # what the workers run under: this config, resolved
         config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+        config_file.chmod(0o600)  # it may hold the database URL's password
         workers = [_start_worker(config_file) for _ in range(cfg.api.workers)]
         watching = asyncio.create_task(_watch(cfg, store, submit, workers, config_file))
         try:

@@ -13,7 +13,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 
 from tuneloop.config import RunConfig
-from tuneloop.jobs.config import fine_tuned_name, resolved_method
+from tuneloop.jobs.config import EXPLICIT, fine_tuned_name, resolved_method
 from tuneloop.jobs.protocol import (
     CheckpointMetrics,
     FileDeleted,
@@ -158,5 +158,6 @@ def _job(job: dict) -> FineTuningJob:
                                                                      "n_epochs")}),
         model=job["model"], organization_id=job["project"], result_files=job["result_files"], seed=job["seed"],
         status=job["status"], trained_tokens=job["trained_tokens"], training_file=job["training_file"],
-        validation_file=job["validation_file"], integrations=[], metadata=job["metadata"], method=job["method"],
+        validation_file=job["validation_file"], integrations=[], metadata=job["metadata"],
+        method={k: v for k, v in job["method"].items() if k != EXPLICIT},
     )

@@ -33,7 +33,12 @@ def resolved_method(cfg: RunConfig, request: JobCreateRequest) -> dict[str, Any]
     for name, value in values.items():
         if not isinstance(value, (int, float)) or value <= 0:
             raise ValueError(f"hyperparameters.{name}: must be a positive number or 'auto', got {value!r}")
-    return {"type": kind, kind: {"hyperparameters": values}}
+    # Which values the client chose (not "auto"): an explicit epoch count wins over the server's max_steps.
+    explicit = [name for name, value in asked.model_dump().items() if value not in (None, "auto")]
+    return {"type": kind, kind: {"hyperparameters": values}, EXPLICIT: explicit}
+
+
+EXPLICIT = "explicit"  # kept with the job's method, not shown in the API's objects
 
 
 def job_config(cfg: RunConfig, job: dict, run_dir: Path, training: Path, validation: Path | None) -> RunConfig:
@@ -53,6 +58,7 @@ def job_config(cfg: RunConfig, job: dict, run_dir: Path, training: Path, validat
     train = cfg.train.model_copy(update={
         "method": method,
         "epochs": float(values["n_epochs"]),
+        "max_steps": None if "n_epochs" in job["method"].get(EXPLICIT, []) else cfg.train.max_steps,
         "batch_size": int(values["batch_size"]),
         "learning_rate": cfg.train.learning_rate * values["learning_rate_multiplier"],
         "dpo_beta": values.get("beta", cfg.train.dpo_beta),

@@ -44,6 +44,7 @@ def main(argv: list[str]) -> int:
         return 0
     run = PhaseRun(cfg, store, job, worker)
     try:
+        run.materialize()
         run.validate() if phase == "validate" else run.train()
     except TuneloopError as err:
         training = run.job["status"] == "running"
@@ -59,13 +60,19 @@ class PhaseRun:
     def __init__(self, cfg: RunConfig, store: JobStore, job: dict, worker: str):
         self.store, self.job, self.worker = store, job, worker
         self.names: dict[str, str] = {}  # file path -> the name the client uploaded it under
+        self.server_cfg = cfg
         self.run_dir = cfg.jobs_dir / "runs" / job["id"]
-        files = self.run_dir / "files"
-        files.mkdir(parents=True, exist_ok=True)
-        self.files = {"training_file": self._materialize(job["training_file"], files)}
-        if job["validation_file"]:
-            self.files["validation_file"] = self._materialize(job["validation_file"], files)
-        self.cfg = job_config(cfg, job, self.run_dir, self.files["training_file"], self.files.get("validation_file"))
+        self.files: dict[str, Path] = {}
+
+    def materialize(self) -> None:
+        """Write the job's files into its run directory; the job's configuration points at them."""
+        folder = self.run_dir / "files"
+        folder.mkdir(parents=True, exist_ok=True)
+        self.files["training_file"] = self._materialize(self.job["training_file"], folder)
+        if self.job["validation_file"]:
+            self.files["validation_file"] = self._materialize(self.job["validation_file"], folder)
+        self.cfg = job_config(self.server_cfg, self.job, self.run_dir, self.files["training_file"],
+                              self.files.get("validation_file"))
 
     def _materialize(self, file_id: str, folder: Path) -> Path:
         stored = self.store.file(file_id, self.job["project"], content=True)

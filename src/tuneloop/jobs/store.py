@@ -71,6 +71,7 @@ jobs_table = Table(
     Column("worker", String(128)),  # who holds the job now: host:pid:thread
     Column("heartbeat", Float),  # when that worker last showed it is alive
     Column("attempts", Integer, nullable=False, default=0),  # times training started
+    Column("losses", Integer, nullable=False, default=0),  # times the job's worker was lost
 )
 events_table = Table(
     "ft_events", metadata,
@@ -168,7 +169,7 @@ class JobStore:
 
     def create_job(self, **fields: Any) -> dict:
         row = {"id": new_id("ftjob-"), "created_at": int(time.time()), "status": "validating_files",
-               "result_files": "[]", "attempts": 0, **fields}
+               "result_files": "[]", "attempts": 0, "losses": 0, **fields}
         for key in ("metadata", "method"):
             row[key] = json.dumps(row[key]) if row.get(key) is not None else None
         with self.db.begin() as conn:

@@ -38,6 +38,7 @@ def work(cfg: RunConfig) -> None:
     config_file = cfg.jobs_dir / f"worker-{os.getpid()}.yaml"  # the phases run under this config, resolved
     config_file.parent.mkdir(parents=True, exist_ok=True)
     config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+    config_file.chmod(0o600)  # it may hold the database URL's password
     submit: Execute
 
     def execute(job_id: str, phase: str) -> None:
@@ -96,14 +97,14 @@ def requeue(cfg: RunConfig, store: JobStore, submit: Execute, job: dict, why: st
     once it has been started `api.max_attempts` times. Only one process wins when several try at once."""
     expect = {"status": job["status"], "worker": job["worker"], "heartbeat": job["heartbeat"]}
     validating = job["status"] == "validating_files"
-    if not validating and job["attempts"] >= cfg.api.max_attempts:
-        message = f"the job was started {job['attempts']} times and its worker was lost each time; last: {why}"
+    if job["losses"] + 1 >= cfg.api.max_attempts:
+        message = f"the job's worker was lost {job['losses'] + 1} times; last: {why}"
         if store.update(job["id"], expect, status="failed", worker=None, finished_at=int(time.time()),
                         error={"code": "worker_lost", "message": message, "param": None}):
             store.add_event(job["id"], f"Job failed: {message}", level="error")
         return
     if store.update(job["id"], expect, status="validating_files" if validating else "queued", worker=None,
-                    heartbeat=None):
+                    heartbeat=None, losses=job["losses"] + 1):
         store.add_event(job["id"], f"Worker lost: {why}. The job is queued again"
                         + ("" if validating else " and resumes from its newest checkpoint"), level="warn")
         submit(job["id"], "validate" if validating else "train")
