@@ -79,17 +79,69 @@ def _base(cfg):
 
 @app.command()
 @user_errors
-def run(config: ConfigArg, set: SetOpt = None, debug: DebugOpt = False) -> None:
+def run(
+    config: ConfigArg,
+    set: SetOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Train even when a baseline reaches eval.target.")] = False,
+    debug: DebugOpt = False,
+) -> None:
     """Whole loop: data -> baseline eval -> LoRA training -> eval -> report -> registry."""
     from tuneloop import pipeline
 
     cfg = _load(config, set)
-    result = pipeline.run(cfg, progress=console.print)
+    try:
+        result = pipeline.run(cfg, progress=console.print, force=force)
+    except pipeline.FineTuningNotNeeded as stop:
+        console.print(f"[bold]{stop.verdict['reason']}[/]; nothing was trained (--force trains anyway). "
+                      f"Baseline answers: {stop.report.dir}")
+        raise typer.Exit(5) from None
     _print_report(result.report)
     console.print(f"results: {cfg.run_dir.resolve()}  (report.md, eval_report.html, loss.png, metrics.png)")
     if result.version is None:
         raise typer.Exit(3)  # refused by the gate: not registered, so never served
     console.print(f"registered [bold]{result.version.name}[/] version {result.version.version}")
+
+
+@app.command()
+@user_errors
+def plan(config: ConfigArg, set: SetOpt = None, debug: DebugOpt = False) -> None:
+    """Before training: tokens, time and memory (measured here by a short probe, estimated for common GPUs),
+    costs against an API, and whether a baseline already reaches eval.target. Writes plan.json."""
+    from rich.table import Table
+
+    from tuneloop import pipeline
+
+    cfg = _load(config, set)
+    result = pipeline.plan(cfg, progress=console.print)
+    console.print(f"data: {result['rows']['train']} train rows, {result['train_tokens']} tokens "
+                  f"({result['trained_tokens']} trained), longest row {result['longest_row_tokens']} of "
+                  f"{result['max_seq_length']} tokens; {result['steps']} steps, {result['epochs']} epochs")
+    table = Table(title=f"training ({result['method']}, {result['trainable_parameters']:,} trained parameters)")
+    for column in ("machine", "time", "cost $", *(f"{m} memory MB" for m in result["memory_mb"])):
+        table.add_column(column, justify="left" if column == "machine" else "right")
+    for machine, seconds in result["train_seconds_by_machine"].items():
+        memory = [str(result["memory_mb"][m][machine] or "-") for m in result["memory_mb"]]
+        cost = result["costs"]["training_usd"].get(machine)
+        table.add_row(machine, _duration(seconds), "-" if cost is None else f"{cost:.2f}", *memory)
+    console.print(table)
+    console.print(f"this machine: {_duration(result['train_seconds'])} and {result['peak_memory_mb']} MB peak, "
+                  f"measured by a {result['probe']['steps']}-step probe; {result['estimates']}")
+    costs = result["costs"]
+    if "self_hosting_usd_per_month" in costs:
+        line = (f"serving {costs['requests_per_month']:,} requests/month yourself: "
+                f"${costs['self_hosting_usd_per_month']:,.2f}/month on {costs['serving_machines']} machine(s)")
+        if "api_usd_per_month" in costs:
+            line += f"; the API: ${costs['api_usd_per_month']:,.2f}/month; break-even: {costs['break_even_months']}"
+            line += "" if costs["break_even_months"] == "never" else " months"
+        console.print(line)
+    if result["baseline"] is not None:
+        console.print(result["baseline"]["reason"])
+    console.print(f"fine-tuning recommended: {'yes' if result['fine_tune_recommended'] else 'no'}  "
+                  f"({cfg.run_dir.resolve() / 'plan.json'})")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 @app.command()

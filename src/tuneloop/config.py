@@ -256,6 +256,11 @@ class JudgeConfig(EndpointConfig):
     max_tokens: int = Field(default=256, gt=0, description="Longest judgment.")
 
 
+class TargetConfig(Section):
+    metric: str = Field(description="The metric as the reports name it, e.g. schema_valid, label.accuracy, rouge_l.")
+    value: float = Field(description="The score that is good enough (metrics are 0..1).")
+
+
 class EvalConfig(Section):
     max_new_tokens: int | None = Field(
         default=None, gt=0,
@@ -302,6 +307,12 @@ class EvalConfig(Section):
     )
     checkpoint_rows: int = Field(
         default=32, gt=0, description="checkpoint_metric: validation rows answered at each validation."
+    )
+    target: TargetConfig | None = Field(
+        default=None,
+        description="A score that would be good enough. `tuneloop plan` and `tuneloop run` first score the "
+        "baselines on the validation rows; when the lower end of a baseline's 95 % interval already reaches "
+        "the target, fine-tuning is not needed and `run` stops before training (exit 5; --force trains anyway).",
     )
 
     @model_validator(mode="after")
@@ -492,6 +503,31 @@ class ApiConfig(Section):
     )
 
 
+class PlanConfig(Section):
+    """What `tuneloop plan` prices: training on common GPUs, and serving your traffic yourself or through an API."""
+
+    gpu_prices: dict[str, float] = Field(
+        default_factory=lambda: {"this machine": 0.10, "L4 24GB": 0.80, "A100 40GB": 1.50, "H100 80GB": 2.50},
+        description="$ per hour of each machine (illustrative on-demand prices; set your own).",
+    )
+    probe_steps: int = Field(default=3, ge=2, le=20, description="Training steps the time probe runs (at most 5 % of the run).")
+    requests_per_month: int | None = Field(default=None, ge=0, description="Your traffic, for the serving costs.")
+    prompt_tokens: int | None = Field(
+        default=None, gt=0, description="Tokens in per request (default: the test rows' mean prompt)."
+    )
+    completion_tokens: int | None = Field(
+        default=None, gt=0, description="Tokens out per request (default: the test rows' mean answer)."
+    )
+    api_price_in: float | None = Field(default=None, ge=0, description="The API you would use instead: $ per 1M input tokens.")
+    api_price_out: float | None = Field(default=None, ge=0, description="... and $ per 1M output tokens.")
+    serving_tokens_per_second: float = Field(
+        default=80.9, gt=0,
+        description="Generated tokens per second one serving machine sustains (default: measured for the built-in "
+        "engine on two CPU cores with the default model in float32, 16 clients, benchmarks/serve_load.py).",
+    )
+    serving_machine: str = Field(default="this machine", description="The gpu_prices entry that serves.")
+
+
 def parse_duration(text: str) -> float:
     """Seconds in `30s`, `15m`, `24h` or `7d`."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*", text)
@@ -519,6 +555,7 @@ class RunConfig(Section):
     monitor: MonitorConfig = MonitorConfig()
     retrain: RetrainConfig = RetrainConfig()
     api: ApiConfig = ApiConfig()
+    plan: PlanConfig = PlanConfig()
 
     @property
     def run_dir(self) -> Path:

@@ -21,10 +21,14 @@ from tuneloop.pipeline.loop import (
     run,
     train_adapter,
 )
+from tuneloop.pipeline.plan import FineTuningNotNeeded, baseline_verdict, plan
 from tuneloop.pipeline.retrain import RetrainResult, latest_dataset, monitor_traffic, open_request_log, retrain
 
 __all__ = [
     "DatasetVersion",
+    "FineTuningNotNeeded",
+    "baseline_verdict",
+    "plan",
     "RetrainResult",
     "RunResult",
     "dataset_version",

@@ -69,15 +69,25 @@ def run(
     on_train_log: TrainLog | None = None,
     resume: bool = False,
     served_name: str | None = None,
+    force: bool = False,
 ) -> RunResult:
     """Whole loop: prepare the data, score the baseline, train, score the fine-tune against the baselines
     (and the production version), and register it unless the gate refuses it. `on_train_log` receives
     the trainer's logs; with `resume`, training continues from its newest checkpoint when there is one;
-    `served_name` is the one name the registered version is served under (a fine-tuning job's model)."""
+    `served_name` is the one name the registered version is served under (a fine-tuning job's model).
+    With `eval.target`, a baseline that already reaches it raises FineTuningNotNeeded before any training,
+    unless `force`."""
     from tuneloop.evaluate import evaluate
 
     base = resolve_base(cfg)
     data, dataset_version = prepare_data(cfg, base, progress)
+    if cfg.eval.target is not None and not force:
+        from tuneloop.pipeline.plan import FineTuningNotNeeded, baseline_verdict
+
+        verdict, checked = baseline_verdict(cfg, data, base, progress)
+        progress(verdict["reason"])
+        if verdict["met"]:
+            raise FineTuningNotNeeded(verdict, checked)
     progress("1/3 evaluating the baseline (base model, same system prompt)")
     evaluate(cfg.eval, data, base, None, cfg.run_dir, judge=judge_for(cfg))
     progress(f"2/3 training a LoRA adapter on {data.counts['train']} rows")
