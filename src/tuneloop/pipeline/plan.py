@@ -43,6 +43,9 @@ def plan(cfg: RunConfig, progress: Progress = silent) -> dict:
     shape = model_shape(cfg.train, base)
 
     probe_steps = probe_size(cfg.plan.probe_steps, steps)
+    # The probe sees batches of typical rows; the run's peak comes with its longest batch.
+    longest = tokens.pop("train_row_lengths")[: cfg.train.batch_size]
+    worst_step, worst_trained = sum(n for n, _ in longest), sum(a for _, a in longest)
     progress(f"probe: {probe_steps} training steps to time this machine (thrown away)")
     scratch = Path(tempfile.mkdtemp(prefix="tuneloop-probe-"))
     try:
@@ -78,7 +81,11 @@ def plan(cfg: RunConfig, progress: Progress = silent) -> dict:
         "method": _method(cfg),
         "train_seconds": round(train_seconds, 1),
         "probe": dataclasses.asdict(measured),
-        "peak_memory_mb": round(measured.peak_rss_mb),  # this process's peak RSS with the probe: what training needs
+        # The probe process's peak RSS, plus what the longest batch needs beyond a typical one (formula).
+        "peak_memory_mb": round(measured.peak_rss_mb + max(0.0, peak_memory_mb(
+            shape, _method(cfg), worst_step, worst_trained, gpu=False, checkpointing=cfg.train.gradient_checkpointing)
+            - peak_memory_mb(shape, _method(cfg), per_step, trained_per_step, gpu=False,
+                             checkpointing=cfg.train.gradient_checkpointing))),
         "memory_mb": memory,
         "fits": fits,
         "train_seconds_by_machine": times,
@@ -144,7 +151,7 @@ def _token_counts(data: Dataset, base: BaseModelRef, max_length: int) -> dict:
     from tuneloop.train.template import IGNORE, encode_example
 
     tokenizer = load_tokenizer(base)
-    counts, longest, trained, prompt_tokens, answer_tokens = {}, 0, 0, [], []
+    counts, longest, trained, prompt_tokens, answer_tokens, train_rows = {}, 0, 0, [], [], []
     for split in ("train", "val", "test"):
         total = 0
         for line in getattr(data, split).read_text(encoding="utf-8").splitlines():
@@ -155,11 +162,13 @@ def _token_counts(data: Dataset, base: BaseModelRef, max_length: int) -> dict:
             answer = sum(label != IGNORE for label in example.labels)
             if split == "train":
                 trained += answer
+                train_rows.append((len(example.input_ids), answer))
             if split == "test":
                 prompt_tokens.append(len(example.input_ids) - answer)
                 answer_tokens.append(answer)
         counts[f"{split}_tokens"] = total
     return {**counts, "trained_tokens": trained, "longest_row_tokens": longest,
+            "train_row_lengths": sorted(train_rows, reverse=True),
             "mean_prompt_tokens": round(sum(prompt_tokens) / max(1, len(prompt_tokens)), 1),
             "mean_answer_tokens": round(sum(answer_tokens) / max(1, len(answer_tokens)), 1)}
 
