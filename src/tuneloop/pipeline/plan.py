@@ -58,11 +58,11 @@ def plan(cfg: RunConfig, progress: Progress = silent) -> dict:
 
     methods = ("lora", "qlora", "full")
 
-    def memory_of(method: str) -> dict:
+    def memory_of(method: str) -> dict:  # at the longest batch, where the run peaks
         here = None if method == "qlora" else round(peak_memory_mb(  # QLoRA needs a CUDA GPU
-            shape, method, per_step, trained_per_step, gpu=False, checkpointing=cfg.train.gradient_checkpointing))
+            shape, method, worst_step, worst_trained, gpu=False, checkpointing=cfg.train.gradient_checkpointing))
         return {"this machine": here, **{gpu: round(peak_memory_mb(
-            shape, method, per_step, trained_per_step, gpu=True, checkpointing=cfg.train.gradient_checkpointing))
+            shape, method, worst_step, worst_trained, gpu=True, checkpointing=cfg.train.gradient_checkpointing))
             for gpu in GPUS}}
 
     memory = {method: memory_of(method) for method in methods}
