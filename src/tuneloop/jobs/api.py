@@ -37,8 +37,8 @@ def jobs_router(cfg: RunConfig, store: JobStore, submit: Execute, base_model: st
     router = APIRouter()
     short_name = Path(base_model).name  # a base model served from a directory is named by its path; jobs take either
 
-    def owned_file(request: Request, file_id: str) -> dict:
-        found = store.file(file_id, request.state.project)
+    def owned_file(request: Request, file_id: str, content: bool = False) -> dict:
+        found = store.file(file_id, request.state.project, content=content)
         if found is None:
             raise HTTPException(404, f"No such File object: {file_id}")
         return found
@@ -70,9 +70,7 @@ def jobs_router(cfg: RunConfig, store: JobStore, submit: Execute, base_model: st
 
     @router.get("/v1/files/{file_id}/content")
     def file_content(request: Request, file_id: str) -> Response:
-        owned_file(request, file_id)
-        stored = store.file(file_id, request.state.project, content=True)
-        return Response(stored["content"], media_type="application/octet-stream")
+        return Response(owned_file(request, file_id, content=True)["content"], media_type="application/octet-stream")
 
     @router.delete("/v1/files/{file_id}")
     def delete_file(request: Request, file_id: str) -> FileDeleted:
@@ -120,7 +118,7 @@ def jobs_router(cfg: RunConfig, store: JobStore, submit: Execute, base_model: st
 
     @router.post("/v1/fine_tuning/jobs/{job_id}/cancel")
     def cancel_job(request: Request, job_id: str) -> FineTuningJob:
-        job = owned_job(request, job_id)
+        owned_job(request, job_id)
         if not store.update(job_id, {"status": ACTIVE}, status="cancelled", worker=None,
                             finished_at=int(time.time())):
             raise InvalidRequestError(f"job {job_id} has already {owned_job(request, job_id)['status']}", "job_id")

@@ -23,17 +23,14 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     and_,
-    create_engine,
     delete,
-    event,
     insert,
     select,
     update,
 )
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.exc import IntegrityError
 
-from tuneloop.errors import TuneloopError
+from tuneloop.database import open_database
 
 ACTIVE = ("validating_files", "queued", "running")  # statuses a job can still leave
 IN_WORKER = ("validating_files", "running")  # statuses in which a worker may hold the job
@@ -114,27 +111,7 @@ def store_url(database_url: str | None, jobs_dir: Path) -> str:
 
 class JobStore:
     def __init__(self, url: str):
-        shown = make_url(url).render_as_string(hide_password=True)
-        try:
-            self.db = create_engine(url, hide_parameters=True)
-        except (ArgumentError, ImportError) as err:
-            raise TuneloopError(f"job store {shown}: {err}") from None
-        if self.db.dialect.name == "sqlite":
-            @event.listens_for(self.db, "connect")
-            def _pragmas(connection, _record) -> None:
-                cursor = connection.cursor()
-                cursor.execute("PRAGMA journal_mode=WAL")
-                cursor.execute("PRAGMA busy_timeout=30000")
-                cursor.close()
-        for attempt in range(3):
-            try:
-                metadata.create_all(self.db)
-                break
-            except (ProgrammingError, IntegrityError):  # another process created the tables at the same moment
-                if attempt == 2:
-                    raise
-            except OperationalError as err:
-                raise TuneloopError(f"job store {shown}: cannot open it ({str(err.orig)[:200]})") from None
+        self.db = open_database(url, metadata, "job store", busy_timeout_ms=30_000)
 
     # files
 

@@ -69,7 +69,7 @@ def plan(cfg: RunConfig, progress: Progress = silent) -> dict:
     fits = {gpu: [m for m in methods if memory[m][gpu] <= 0.9 * spec["memory_gb"] * 1024] for gpu, spec in GPUS.items()}
     trained_tokens_total = round(tokens["train_tokens"] * epochs)
     times = {"this machine": round(train_seconds, 1),
-             **{gpu: round(gpu_seconds(shape, _method(cfg), trained_tokens_total, gpu), 4) for gpu in GPUS}}
+             **{gpu: round(gpu_seconds(shape, cfg.train.method, trained_tokens_total, gpu), 4) for gpu in GPUS}}
     result = {
         "rows": {k: data.counts[k] for k in ("train", "val", "test")},
         **tokens,
@@ -77,14 +77,14 @@ def plan(cfg: RunConfig, progress: Progress = silent) -> dict:
         "steps": steps,
         "epochs": round(epochs, 2),
         "parameters": shape.parameters,
-        "trainable_parameters": shape.parameters if _method(cfg) == "full" else shape.trainable_lora,
-        "method": _method(cfg),
+        "trainable_parameters": shape.parameters if cfg.train.method == "full" else shape.trainable_lora,
+        "method": cfg.train.method,
         "train_seconds": round(train_seconds, 1),
         "probe": dataclasses.asdict(measured),
         # The probe process's peak RSS, plus what the longest batch needs beyond a typical one (formula).
         "peak_memory_mb": round(measured.peak_rss_mb + max(0.0, peak_memory_mb(
-            shape, _method(cfg), worst_step, worst_trained, gpu=False, checkpointing=cfg.train.gradient_checkpointing)
-            - peak_memory_mb(shape, _method(cfg), per_step, trained_per_step, gpu=False,
+            shape, cfg.train.method, worst_step, worst_trained, gpu=False, checkpointing=cfg.train.gradient_checkpointing)
+            - peak_memory_mb(shape, cfg.train.method, per_step, trained_per_step, gpu=False,
                              checkpointing=cfg.train.gradient_checkpointing))),
         "memory_mb": memory,
         "fits": fits,
@@ -138,10 +138,6 @@ def baseline_verdict(cfg: RunConfig, data: Dataset, base: BaseModelRef, progress
                   f"confidence (best: the {best}, CI [{scores[best][0]:.3f}, {scores[best][1]:.3f}])")
     verdict = {"metric": target.metric, "target": target.value, "intervals": scores, "met": bool(met), "reason": reason}
     return verdict, report
-
-
-def _method(cfg: RunConfig) -> str:
-    return cfg.train.method
 
 
 def _token_counts(data: Dataset, base: BaseModelRef, max_length: int) -> dict:

@@ -26,17 +26,15 @@ from sqlalchemy import (
     String,
     Table,
     Text,
-    create_engine,
     delete,
-    event,
     insert,
     select,
 )
 from sqlalchemy.engine import Engine as Database
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, ProgrammingError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 
 from tuneloop.data.pii import PiiScanner
+from tuneloop.database import open_database
 from tuneloop.data.split import in_share
 from tuneloop.errors import TuneloopError
 from tuneloop.serve.engine import Completion, InvalidRequestError, UnknownModelError
@@ -98,30 +96,9 @@ class RequestRecord:
 
 
 def connect(url: str) -> Database:
-    """The log database at `url`, with its tables created. SQLite runs in WAL mode so the writer and the
-    readers (`tuneloop monitor`, feedback) do not block each other."""
-    shown = make_url(url).render_as_string(hide_password=True)
-    try:
-        database = create_engine(url, hide_parameters=True)  # parameters hold prompts: never in error messages
-    except (ArgumentError, ImportError) as err:
-        raise TuneloopError(f"request log {shown}: {err}") from None
-    if database.dialect.name == "sqlite":
-        @event.listens_for(database, "connect")
-        def _pragmas(connection, _record) -> None:
-            cursor = connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA busy_timeout=10000")
-            cursor.close()
-    for attempt in range(3):
-        try:
-            metadata.create_all(database)
-            break
-        except (ProgrammingError, IntegrityError):  # another server created the tables at the same moment
-            if attempt == 2:
-                raise
-        except OperationalError as err:
-            raise TuneloopError(f"request log {shown}: cannot open it ({err.orig})") from None
-    return database
+    """The log database at `url`, with its tables created (SQLite in WAL mode: the writer and the readers,
+    `tuneloop monitor` and feedback, do not block each other). Prompts never reach error messages."""
+    return open_database(url, metadata, "request log")
 
 
 def is_sampled(request_id: str, rate: float) -> bool:
