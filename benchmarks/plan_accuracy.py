@@ -40,7 +40,7 @@ def case_config(name: str, work: Path) -> Path:
         from train_throughput import make_rows  # the training benchmark's 256 long multi-turn chats
 
         rows = work / "long.jsonl"
-        rows.write_text("".join(json.dumps({"messages": m}) + "\n" for m in make_rows(320, seed=0)))
+        rows.write_text("".join(json.dumps(row) + "\n" for row in make_rows(320, seed=0)))
         config["data"] = {"path": str(rows), "val_fraction": 0.1, "test_fraction": 0.1, "seed": 0}
         config["train"] = {"epochs": 1, "batch_size": 4}
     config["name"] = name

@@ -79,8 +79,8 @@ def prepared_project(tmp_path, monkeypatch):
     monkeypatch.setenv("COLUMNS", "250")
     runner = CliRunner()
 
-    def cli(*args: str):
-        return runner.invoke(app, list(args))
+    def cli(*args: str, input: str | None = None):
+        return runner.invoke(app, list(args), input=input)
 
     def prepare(config_yaml: str):
         (tmp_path / "data.jsonl").write_text("\n".join(TICKETS.read_text().splitlines()[:40]) + "\n")

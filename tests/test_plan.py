@@ -86,3 +86,11 @@ def test_the_probe_takes_at_most_five_percent_of_the_steps_and_at_least_two(step
     from tuneloop.pipeline.plan import probe_size
 
     assert probe_size(3, steps) == expected
+
+
+def test_the_memory_peak_follows_the_largest_row_a_step_runs_as():
+    from tuneloop.pipeline.plan import largest_row
+
+    assert largest_row([(300, 30), (200, 20), (100, 10)], 1024) == (600, 60)  # one row
+    assert largest_row([(900, 90), (800, 80), (100, 10)], 1024) == (900, 90)  # 900 | 800+100
+    assert largest_row([(2000, 5), (10, 1)], 1024) == (2000, 5)  # a longer example is a row of its own

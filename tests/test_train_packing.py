@@ -171,3 +171,15 @@ def test_rows_of_a_step_split_at_example_borders(tokenizer):
     assert rows[1]["position_ids"][0, 0].item() == 0
     assert split_rows(batch, max_tokens=sum(lengths)) == [batch]
     assert len(split_rows(batch, max_tokens=1)) == 3  # an example longer than the budget is a row of its own
+
+
+def test_a_token_budget_fills_steps_with_short_rows_and_leaves_long_rows_alone():
+    from tuneloop.config import TrainConfig
+    from tuneloop.train.loop import budget_batch_size, total_steps
+
+    short = [50, 60, 55, 55] * 25  # mean 55 tokens
+    cfg = budget_batch_size(TrainConfig(batch_size=4, batch_tokens=1100), short)
+    assert cfg.batch_size == 20 and total_steps(cfg.model_copy(update={"epochs": 1}), len(short)) == 5
+    assert budget_batch_size(TrainConfig(batch_size=4, batch_tokens=1100), [900] * 10).batch_size == 4
+    assert budget_batch_size(TrainConfig(batch_size=4), short).batch_size == 4
+    assert budget_batch_size(TrainConfig(method="dpo", batch_size=4, batch_tokens=1100), short).batch_size == 4

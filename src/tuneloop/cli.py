@@ -393,6 +393,88 @@ def retrain(config: ConfigArg, set: SetOpt = None, debug: DebugOpt = False) -> N
         raise typer.Exit(5 if result.outcome == "nothing_new" else 3)
 
 
+@app.command()
+@user_errors
+def synth(
+    config: ConfigArg,
+    n: Annotated[int, typer.Option("--n", min=1, help="New rows wanted in the review queue.")] = 100,
+    set: SetOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Grow the dataset: synth.teacher writes new rows like the training rows; those that pass the data
+    stage's checks (and the judge's minimum) wait for `tuneloop review`. Exit 3 when fewer than --n pass."""
+    from rich.table import Table
+
+    from tuneloop import pipeline
+
+    cfg = _load(config, set)
+    result = pipeline.synth(cfg, n, progress=console.print)
+    table = Table(title=f"synth: {result.requests} requests, {result.candidates} rows written")
+    table.add_column("outcome")
+    table.add_column("rows", justify="right")
+    table.add_row("queued for review", str(result.queued))
+    for kind, count in result.rejected.items():
+        table.add_row(f"rejected: {kind}", str(count))
+    if result.surplus:
+        table.add_row("passed, beyond --n (not queued)", str(result.surplus))
+    console.print(table)
+    console.print(f"{result.message}  (each reject with its reason: {result.dir / 'rejects.jsonl'})", highlight=False)
+    if result.queued < n:
+        raise typer.Exit(3)
+
+
+@app.command()
+@user_errors
+def review(
+    config: ConfigArg,
+    decisions: Annotated[
+        Path | None, typer.Option(help="JSONL of {id, action: accept|edit|reject, answer, reason}; else ask here.")
+    ] = None,
+    reviewer: Annotated[str | None, typer.Option(help="Who reviews (default: the login name).")] = None,
+    set: SetOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Accept, edit or reject the synthetic rows waiting in the review queue; the reviewed rows become a
+    new dataset version (in the run's data folder) that `tuneloop train` trains on."""
+    import getpass
+
+    from tuneloop import pipeline
+    from tuneloop.synth import read_decisions
+
+    cfg = _load(config, set)
+    chosen = read_decisions(decisions) if decisions is not None else _ask_decisions(cfg)
+    result = pipeline.review(cfg, chosen, reviewer or getpass.getuser(), progress=console.print)
+    if result.version is None:
+        console.print("no accepted rows yet: the dataset is unchanged")
+
+
+def _ask_decisions(cfg) -> list:
+    """Each pending row shown in the terminal, with accept / edit / reject / skip / quit."""
+    from rich.panel import Panel
+    from rich.prompt import Prompt
+
+    from tuneloop import pipeline
+    from tuneloop.synth import Decision
+
+    pending = pipeline.pending_rows(cfg)
+    chosen = []
+    for number, row in enumerate(pending, start=1):
+        asked = "\n\n".join(f"[bold]{m['role']}[/]: {m['content']}" for m in row["messages"] if m["role"] != "system")
+        score = f", judge score {row['judge_score']}" if row.get("judge_score") is not None else ""
+        console.print(Panel(asked, title=f"{row['id']} ({number} of {len(pending)}{score})", highlight=False))
+        action = Prompt.ask("[a]ccept, [e]dit, [r]eject, [s]kip, [q]uit", choices=list("aersq"), console=console)
+        if action == "q":
+            break
+        if action == "e":
+            answer = Prompt.ask("corrected answer", console=console)
+            while (problem := pipeline.edit_problem(cfg, row, answer)) is not None:
+                answer = Prompt.ask(f"{problem}; corrected answer", console=console)
+            chosen.append(Decision(row["id"], "edit", answer))
+        elif action != "s":
+            chosen.append(Decision(row["id"], "accept" if action == "a" else "reject"))
+    return chosen
+
+
 @feedback_app.command("add")
 @user_errors
 def feedback_add(

@@ -31,6 +31,11 @@ class DataConfig(Section):
     val_path: Path | None = Field(
         default=None, description="Optional validation file; when given, it is the validation split (val_fraction unused)."
     )
+    synthetic_path: Path | None = Field(
+        default=None,
+        description="Reviewed synthetic rows (`tuneloop review` writes them): checked like every row, dropped where "
+        "they duplicate a real row or copy a test row, trained on only (never in the validation or test split).",
+    )
     system_prompt: str | None = Field(
         default=None, description="System prompt added to every example that has none; the baseline uses it too."
     )
@@ -117,6 +122,13 @@ class TrainConfig(Section):
     epochs: float = Field(default=3.0, gt=0, description="Passes over the training split.")
     max_steps: int | None = Field(default=None, gt=0, description="Stop after this many optimizer steps.")
     batch_size: int = Field(default=4, gt=0, description="Examples per device per step.")
+    batch_tokens: int | None = Field(
+        default=None,
+        gt=0,
+        description="SFT: fill each step with about this many tokens: as many rows as the budget holds at the "
+        "training rows' mean length (batch_size the least), for hardware where small steps leave it idle (GPUs). "
+        "On a CPU it was no faster and, with fewer updates per epoch, trained worse (benchmarks/RESULTS.md).",
+    )
     gradient_accumulation: int = Field(default=1, gt=0, description="Steps to accumulate before an update.")
     max_seq_length: int = Field(default=1024, gt=0, description="Longest tokenized example.")
     completion_only_loss: bool = Field(default=True, description="Train on the assistant's answer only.")
@@ -471,6 +483,35 @@ class RetrainConfig(Section):
     seed: int = Field(default=0, description="Seed of the hash that sends a feedback row to training or golden.")
 
 
+class SynthConfig(Section):
+    """`tuneloop synth`: new training rows written by a teacher model, for review before they train."""
+
+    teacher: EndpointConfig | None = Field(
+        default=None, description="The teacher: any OpenAI-compatible chat endpoint and model."
+    )
+    teacher_terms: str | None = Field(
+        default=None,
+        description="The terms the teacher's outputs come under (e.g. whether they may train other models); "
+        "recorded in the lineage of every dataset version with synthetic rows.",
+    )
+    max_requests: int | None = Field(
+        default=None, gt=0, description="Most requests to the teacher per `synth` (default: 3x what --n needs)."
+    )
+    rows_per_request: int = Field(default=5, gt=0, le=50, description="New rows asked for in one request.")
+    examples_per_request: int = Field(
+        default=5, gt=0, description="Training rows shown to the teacher in each request, drawn at random."
+    )
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0, description="Sampling temperature of the teacher.")
+    max_tokens: int = Field(default=4096, gt=0, description="Longest teacher reply.")
+    seed: int = Field(default=0, description="Seed of the examples drawn for each request.")
+    judge: bool = Field(
+        default=False, description="Score every new row 1-5 with eval.judge's rubric; the score is shown in review."
+    )
+    min_judge_score: int | None = Field(
+        default=None, ge=1, le=5, description="With `judge`, reject new rows the judge scores below this."
+    )
+
+
 class ApiConfig(Section):
     """The OpenAI fine-tuning jobs API that `tuneloop serve` offers beside inference."""
 
@@ -556,6 +597,7 @@ class RunConfig(Section):
     retrain: RetrainConfig = RetrainConfig()
     api: ApiConfig = ApiConfig()
     plan: PlanConfig = PlanConfig()
+    synth: SynthConfig = SynthConfig()
 
     @property
     def run_dir(self) -> Path:
@@ -677,6 +719,7 @@ def _resolve_paths(cfg: RunConfig, base: Path) -> RunConfig:
             "path": resolve(cfg.data.path),
             "test_path": resolve(cfg.data.test_path),
             "val_path": resolve(cfg.data.val_path),
+            "synthetic_path": resolve(cfg.data.synthetic_path),
             "answer_schema": resolve(cfg.data.answer_schema),
         }
     )

@@ -35,8 +35,11 @@ def prepare(cfg: DataConfig, run_dir: Path, base: BaseModelRef | None = None) ->
     # A user-supplied validation or test file is that split; each split is versioned by its content.
     val_share = 0.0 if cfg.val_path is not None else cfg.val_fraction
     test_share = 0.0 if cfg.test_path is not None else cfg.test_fraction
+    synthetic = given.pop("synthetic", [])
+    # Real rows split as they would without synthetic ones, so adding those never moves a test row.
     splits = split_rows(rows, val_share, test_share, cfg.seed, labels_of(rows, cfg.label_field))
     splits.update(given)
+    splits["train"] += synthetic
     if not splits["train"] or not splits["test"]:
         raise TuneloopError(
             f"{cfg.path}: {len(rows)} usable rows are too few to split into train and test; add examples"
@@ -50,7 +53,7 @@ def prepare(cfg: DataConfig, run_dir: Path, base: BaseModelRef | None = None) ->
     )
     split_hashes = {name: content_hash(split) for name, split in splits.items()}
 
-    counts = _counts(read, rejects, removed, pii_found, splits, cfg.pii_action)
+    counts = {**_counts(read, rejects, removed, pii_found, splits, cfg.pii_action), "synthetic": len(synthetic)}
     lengths = {name: [token_lengths.get(r.source) or _words(r) for r in split] for name, split in splits.items()}
     unit = "tokens" if base is not None else "words (no base model given)"
     write_report(out, counts, split_hashes, lengths, unit, cfg.pii_action)
@@ -118,8 +121,9 @@ def input_files(cfg: DataConfig) -> list[Path]:
 
 
 def _given_files(cfg: DataConfig) -> dict[str, Path]:
-    """The splits the config gives as files of their own."""
-    return {split: path for split, path in (("val", cfg.val_path), ("test", cfg.test_path)) if path is not None}
+    """The splits the config gives as files of their own, and the reviewed synthetic rows (train only)."""
+    given = (("val", cfg.val_path), ("test", cfg.test_path), ("synthetic", cfg.synthetic_path))
+    return {split: path for split, path in given if path is not None}
 
 
 def _clean(cfg: DataConfig, base: BaseModelRef | None, rows: list[Row], given: dict[str, list[Row]]):
@@ -130,6 +134,9 @@ def _clean(cfg: DataConfig, base: BaseModelRef | None, rows: list[Row], given: d
     scanner = PiiScanner(cfg.pii_patterns)
     rows = handle_pii(rows, scanner, cfg.pii_action, pii_found, removed)
     given = {split: handle_pii(kept, scanner, cfg.pii_action, pii_found, removed) for split, kept in given.items()}
+    # Synthetic rows come after the real ones, so a duplicate pair keeps the real row.
+    synthetic = {row.source for row in given.get("synthetic", [])}
+    rows += given.pop("synthetic", [])
     kept = []
     for row in rows:
         problem = quality_problem(row, cfg.min_answer_chars, cfg.max_row_chars, cfg.drop_refusals)
@@ -146,6 +153,9 @@ def _clean(cfg: DataConfig, base: BaseModelRef | None, rows: list[Row], given: d
             if row.source in outliers:
                 removed.add(row, "perplexity")
         rows = [row for row in rows if row.source not in outliers]
+    if synthetic:
+        given["synthetic"] = [row for row in rows if row.source in synthetic]
+        rows = [row for row in rows if row.source not in synthetic]
     return rows, given, removed, pii_found
 
 

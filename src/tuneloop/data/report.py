@@ -18,6 +18,8 @@ def write_report(
         "|---|---:|---|",
         *(f"| {name} | {counts[name]} | `{split_hashes[name]}` |" for name in ("train", "val", "test")),
         "",
+        *([f"The train split holds {counts['synthetic']} reviewed synthetic rows (never in val or test).", ""]
+          if counts.get("synthetic") else []),
         *_table("Rejected, by reason (each row is in `rejects.jsonl`)", "reason", counts["rejected_by_reason"]),
         *_table("Removed, by reason (each row is in `removed.jsonl`)", "reason", counts["removed_by_reason"]),
         *_table(f"Personal data and secrets found (action: {pii_action})", "kind", counts["pii_found_by_kind"]),

@@ -22,6 +22,7 @@ from tuneloop.pipeline.loop import (
     train_adapter,
 )
 from tuneloop.pipeline.plan import FineTuningNotNeeded, baseline_verdict, plan
+from tuneloop.pipeline.synth import ReviewResult, SynthResult, edit_problem, pending_rows, review, synth
 from tuneloop.pipeline.retrain import RetrainResult, latest_dataset, monitor_traffic, open_request_log, retrain
 
 __all__ = [
@@ -30,6 +31,12 @@ __all__ = [
     "baseline_verdict",
     "plan",
     "RetrainResult",
+    "ReviewResult",
+    "SynthResult",
+    "edit_problem",
+    "pending_rows",
+    "review",
+    "synth",
     "RunResult",
     "dataset_version",
     "evaluate_run",

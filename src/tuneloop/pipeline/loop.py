@@ -48,6 +48,8 @@ class DatasetVersion:
     # Request ids of the feedback rows this version added to training, and of those held out as golden.
     feedback: list[str] = dataclasses.field(default_factory=list)
     golden: list[str] = dataclasses.field(default_factory=list)
+    # Reviewed synthetic rows in training: how many, their file, teachers, the teachers' terms, reviewers.
+    synthetic: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +134,10 @@ def record_version(cfg: RunConfig, data: Dataset, **lineage) -> DatasetVersion:
     from tuneloop.data import input_files
 
     files = input_files(cfg.data)
+    if cfg.data.synthetic_path is not None:
+        from tuneloop.synth import synthetic_lineage
+
+        lineage["synthetic"] = {"rows": data.counts["synthetic"], **synthetic_lineage(cfg.data.synthetic_path)}
     version = DatasetVersion(
         hash=data.hash,
         sources={str(file): _sha256(file) for file in files},
@@ -159,6 +165,11 @@ def lineage_tags(version: DatasetVersion) -> dict[str, str]:
     tags = {"lineage.dataset": version.hash, "lineage.sources": json.dumps(version.sources, sort_keys=True)}
     if version.parent is not None:
         tags["lineage.parent"] = version.parent
+    if version.synthetic:
+        tags["lineage.synthetic_rows"] = str(version.synthetic["rows"])
+        tags["lineage.synthetic_teachers"] = ",".join(version.synthetic["teachers"])
+        tags["lineage.synthetic_terms"] = " | ".join(version.synthetic["terms"])[:MAX_TAG_CHARS]
+        tags["lineage.reviewed_by"] = ",".join(version.synthetic["reviewed_by"])
     if version.feedback:
         tags["lineage.feedback_rows"] = str(len(version.feedback))
         listed = ",".join(version.feedback)

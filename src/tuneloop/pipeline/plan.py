@@ -31,11 +31,12 @@ class FineTuningNotNeeded(TuneloopError):
 def plan(cfg: RunConfig, progress: Progress = silent) -> dict:
     """The plan of a run of `cfg`, also written to `<run_dir>/plan.json`."""
     from tuneloop.train.estimate import GPUS, ASSUMED_MFU, gpu_seconds, model_shape, peak_memory_mb, probe
-    from tuneloop.train.loop import total_steps
+    from tuneloop.train.loop import budget_batch_size, total_steps
 
     base = resolve_base(cfg)
     data, _ = prepare_data(cfg, base, progress)
     tokens = _token_counts(data, base, cfg.train.max_seq_length)
+    cfg = cfg.model_copy(update={"train": budget_batch_size(cfg.train, [n for n, _ in tokens["train_row_lengths"]])})
     steps = total_steps(cfg.train, data.counts["train"])
     per_step = math.ceil(tokens["train_tokens"] / max(1, data.counts["train"])) * cfg.train.batch_size
     trained_per_step = math.ceil(tokens["trained_tokens"] / max(1, data.counts["train"])) * cfg.train.batch_size
@@ -45,7 +46,11 @@ def plan(cfg: RunConfig, progress: Progress = silent) -> dict:
     probe_steps = probe_size(cfg.plan.probe_steps, steps)
     # The probe sees batches of typical rows; the run's peak comes with its longest batch.
     longest = tokens.pop("train_row_lengths")[: cfg.train.batch_size]
-    worst_step, worst_trained = sum(n for n, _ in longest), sum(a for _, a in longest)
+    # A step runs as rows of at most max_seq_length tokens, one after another: memory follows the largest.
+    worst_step, worst_trained = largest_row(longest, cfg.train.max_seq_length)
+    if per_step > cfg.train.max_seq_length:
+        trained_per_step = round(trained_per_step * cfg.train.max_seq_length / per_step)
+        per_step = cfg.train.max_seq_length
     progress(f"probe: {probe_steps} training steps to time this machine (thrown away)")
     scratch = Path(tempfile.mkdtemp(prefix="tuneloop-probe-"))
     try:
@@ -101,6 +106,18 @@ def plan(cfg: RunConfig, progress: Progress = silent) -> dict:
     result["fine_tune_recommended"] = verdict is None or not verdict["met"]
     (cfg.run_dir / "plan.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return result
+
+
+def largest_row(batch: list[tuple[int, int]], row_tokens: int) -> tuple[int, int]:
+    """(tokens, trained tokens) of the largest row a step of `batch`'s examples (each its tokens and
+    trained tokens) runs as, cut at example borders into rows of at most `row_tokens` as training cuts it."""
+    rows, current = [], (0, 0)
+    for tokens, trained in batch:
+        if current[0] and current[0] + tokens > row_tokens:
+            rows.append(current)
+            current = (0, 0)
+        current = (current[0] + tokens, current[1] + trained)
+    return max([*rows, current])
 
 
 def probe_size(configured: int, steps: int) -> int:

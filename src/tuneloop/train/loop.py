@@ -163,6 +163,15 @@ def newest_checkpoint(directory: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def budget_batch_size(cfg: TrainConfig, row_tokens: list[int]) -> TrainConfig:
+    """`cfg` with batch_size raised to the rows `batch_tokens` holds at the rows' mean length (unchanged
+    without a budget, or where the rows are long enough that batch_size rows fill it)."""
+    if cfg.batch_tokens is None or not row_tokens or cfg.method == "dpo":
+        return cfg
+    rows = int(cfg.batch_tokens * len(row_tokens) // sum(row_tokens))
+    return cfg.model_copy(update={"batch_size": max(cfg.batch_size, rows)})
+
+
 def total_steps(cfg: TrainConfig, rows: int) -> int:
     # Each process of a distributed run takes its own batches; `tuneloop train` sets num_processes for them.
     per_epoch = math.ceil(math.ceil(rows / (cfg.batch_size * (cfg.num_processes or 1))) / cfg.gradient_accumulation)

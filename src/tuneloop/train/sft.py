@@ -16,6 +16,7 @@ from tuneloop.artifacts import Adapter, BaseModelRef, Dataset
 from tuneloop.config import TrainConfig
 from tuneloop.models import load_model, load_tokenizer
 from tuneloop.train.loop import (
+    budget_batch_size,
     check_splits,
     fit,
     lora_config,
@@ -56,6 +57,10 @@ def train(
     train_set = _encoded(data.train, tokenizer, cfg)
     val_set = _encoded(data.val, tokenizer, cfg) if data.counts.get("val") else None
     check_splits(cfg, data, train_set, val_set, checkpoints, resume)
+    budgeted = budget_batch_size(cfg, [len(ids) for ids in train_set["input_ids"]])
+    if budgeted.batch_size != cfg.batch_size:
+        Console(stderr=True).print(f"batch_tokens {cfg.batch_tokens}: {budgeted.batch_size} rows per step")
+    cfg = budgeted
 
     # 2. Train.
     torch.manual_seed(cfg.seed)
