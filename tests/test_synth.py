@@ -50,7 +50,7 @@ def test_teacher_replies_are_read_or_rejected_with_a_reason():
 
 def test_synth_review_and_the_reviewed_version_trains(tiny_model_dir, prepared_project, openai_stub, tmp_path):
     run = tmp_path / "runs" / "synth-cli"
-    calls = []
+    calls, repeat = [], []
     lock = threading.Lock()
 
     def teacher(body, index):
@@ -61,6 +61,10 @@ def test_synth_review_and_the_reviewed_version_trains(tiny_model_dir, prepared_p
             calls.append(body)
         if index == 0:
             return "Sure! Here are five new tickets for you."  # no JSON: the request yields no row
+        if repeat:  # a row already waiting for review, and a new one
+            waiting = repeat[0]["messages"]
+            return json.dumps({"examples": [{"input": waiting[-2]["content"], "output": json.loads(waiting[-1]["content"])},
+                                            {"input": _ticket(500 + index), "output": _answer(500 + index)}]})
         test = [json.loads(line) for line in (run / "data" / "test.jsonl").read_text().splitlines()]
         train = [json.loads(line) for line in (run / "data" / "train.jsonl").read_text().splitlines()]
         copied = test[index % len(test)]["messages"]
@@ -119,6 +123,14 @@ eval:
     test_rows = [json.loads(line) for line in (run / "data" / "test.jsonl").read_text().splitlines()]
     assert max(_jaccard(_asked(q), _asked(t)) for q in queue for t in test_rows) < 0.85
 
+    # A second run is checked against the rows still waiting too.
+    repeat.append(queue[0])
+    again = cli("synth", "config.yaml", "--n", "1")
+    assert again.exit_code == 0, again.output
+    assert len((run / "synth" / "queue.jsonl").read_text().splitlines()) == 11
+    second = [json.loads(line) for line in (run / "synth" / "002" / "rejects.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in second] == ["exact_duplicate"]
+
     # Review from a file: a bad decision records nothing.
     (tmp_path / "bad.jsonl").write_text(json.dumps({"id": "nope", "action": "accept"}) + "\n")
     refused = cli("review", "config.yaml", "--decisions", "bad.jsonl", "--reviewer", "alice")
@@ -145,7 +157,7 @@ eval:
     assert "answer is not valid JSON" in typed.output
 
     statuses = [json.loads(line)["status"] for line in (run / "synth" / "queue.jsonl").read_text().splitlines()]
-    assert statuses == ["edited", "rejected", *["accepted"] * 4, "accepted", "edited", "rejected", "pending"]
+    assert statuses == ["edited", "rejected", *["accepted"] * 4, "accepted", "edited", "rejected", "pending", "pending"]
     version = json.loads((run / "data" / "dataset_version.json").read_text())
     assert version["parent"] == first["hash"] != version["hash"]
     assert version["synthetic"]["rows"] == 7 and version["synthetic"]["edited"] == 2

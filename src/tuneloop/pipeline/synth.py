@@ -92,7 +92,7 @@ def synth(cfg: RunConfig, n: int, progress: Progress = silent) -> SynthResult:
         if all(p and p[0][0] == "request_failed" for _, p in replies) and not candidates:
             raise TuneloopError(f"teacher {teacher.base_url} (model {teacher.model!r}): every request failed: "
                                 f"{replies[0][1][0][1]}")
-        passed, checked = _check(cfg, data, base, candidates, out)
+        passed, checked = _check(cfg, data, base, candidates, out, pending_rows(cfg))
         passed = _judged(cfg, passed, judged, checked)
         progress(f"  {requests} requests: {len(candidates)} rows written, {len(passed)} passed the checks")
     queued = passed[:n]
@@ -130,14 +130,16 @@ def _candidate(row_id: str, request: int, example: Example, instructions: str | 
     return {"id": row_id, "request": request, "messages": messages}
 
 
-def _check(cfg: RunConfig, data: Dataset, base: BaseModelRef, candidates: list[dict], out: Path):
-    """The candidates through the data stage beside the dataset's train and val rows and against its test
-    rows: those that pass (with personal data redacted as configured), and a reject for each of the rest."""
+def _check(cfg: RunConfig, data: Dataset, base: BaseModelRef, candidates: list[dict], out: Path, waiting: list[dict]):
+    """The candidates through the data stage beside the dataset's train and val rows (and the rows that
+    earlier runs left waiting for review) and against its test rows: those that pass (with personal data
+    redacted as configured), and a reject for each of the rest."""
     from tuneloop.data import prepare
 
     existing = out / "existing.jsonl"
     if not existing.is_file():
-        existing.write_text(data.train.read_text("utf-8") + data.val.read_text("utf-8"), "utf-8")
+        earlier = "".join(json.dumps({"messages": row["messages"]}, ensure_ascii=False) + "\n" for row in waiting)
+        existing.write_text(data.train.read_text("utf-8") + data.val.read_text("utf-8") + earlier, "utf-8")
     written = out / "candidates.jsonl"
     written.write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in candidates), "utf-8")
     check_cfg = cfg.data.model_copy(update={
