@@ -56,6 +56,7 @@ class ReviewResult:
 def synth(cfg: RunConfig, n: int, progress: Progress = silent) -> SynthResult:
     """Ask `synth.teacher` for new rows until `n` pass the data stage's checks (and the judge's minimum) or
     `synth.max_requests` is reached; the rows that pass join the review queue."""
+    from tuneloop.data.validate import load_schema
     from tuneloop.evaluate.endpoint import Endpoint
     from tuneloop.synth import add_to_queue, ask_teacher
 
@@ -65,7 +66,7 @@ def synth(cfg: RunConfig, n: int, progress: Progress = silent) -> SynthResult:
         raise TuneloopError("synth.judge needs eval.judge: the judge endpoint and rubric that score the new rows")
     data = load_dataset(cfg)
     instructions, examples = _task_examples(data, cfg.data.system_prompt)
-    schema = json.loads(data.answer_schema.read_text("utf-8")) if data.answer_schema else None
+    schema = load_schema(data.answer_schema)
     teacher = Endpoint.from_config(cfg.synth.teacher, _secret(cfg.synth.teacher.api_key_env))
     max_requests = cfg.synth.max_requests or 3 * math.ceil(n / cfg.synth.rows_per_request)
     numbers = [int(d.name) for d in (cfg.run_dir / SYNTH).glob("[0-9]*") if d.name.isdigit()]
@@ -78,6 +79,7 @@ def synth(cfg: RunConfig, n: int, progress: Progress = silent) -> SynthResult:
     judged: dict[str, int | None] = {}
     passed: list[dict] = []
     checked: list[dict] = []  # rejects of the rows written, by the data stage and the judge
+    waiting = pending_rows(cfg)  # rows earlier runs left for review count as existing rows
     requests = 0
     progress(f"synth: {n} rows wanted from {teacher.model} at {teacher.base_url} (at most {max_requests} requests)")
     while len(passed) < n and requests < max_requests:
@@ -92,7 +94,7 @@ def synth(cfg: RunConfig, n: int, progress: Progress = silent) -> SynthResult:
         if all(p and p[0][0] == "request_failed" for _, p in replies) and not candidates:
             raise TuneloopError(f"teacher {teacher.base_url} (model {teacher.model!r}): every request failed: "
                                 f"{replies[0][1][0][1]}")
-        passed, checked = _check(cfg, data, base, candidates, out, pending_rows(cfg))
+        passed, checked = _check(cfg, data, base, candidates, out, waiting)
         passed = _judged(cfg, passed, judged, checked)
         progress(f"  {requests} requests: {len(candidates)} rows written, {len(passed)} passed the checks")
     queued = passed[:n]
@@ -220,8 +222,7 @@ def review(cfg: RunConfig, decisions: list[Decision], reviewer: str, progress: P
              + ", ".join(f"{count} {status}" for status, count in sorted(statuses.items())))
     if not statuses["accepted"] + statuses["edited"]:
         return ReviewResult(dict(statuses), None, None)
-    previous = cfg.run_dir / "data" / "dataset_version.json"
-    parent = json.loads(previous.read_text("utf-8"))["hash"] if previous.is_file() else None
+    parent = load_dataset(cfg).hash  # the version `synth` drew its rows against
     with_rows = cfg.model_copy(update={"data": cfg.data.model_copy(update={"synthetic_path": folder / REVIEWED})})
     data, version = prepare_data(with_rows, resolve_base(cfg), progress, parent=parent)
     progress(f"dataset {data.hash[:12]}: {data.counts['synthetic']} reviewed synthetic rows in train; later runs keep "

@@ -34,6 +34,7 @@ def ask_teacher(
     import openai
 
     openai_client = client(endpoint)
+    response_format = reply_format(schema)
     chats = [
         teacher_messages(instructions, rng.sample(examples, min(cfg.examples_per_request, len(examples))),
                          cfg.rows_per_request, schema)
@@ -44,7 +45,7 @@ def ask_teacher(
         try:
             reply = openai_client.chat.completions.create(
                 model=endpoint.model, messages=messages, temperature=cfg.temperature, max_tokens=cfg.max_tokens,
-                response_format=reply_format(schema),
+                response_format=response_format,
             )
         except openai.OpenAIError as err:
             return [], [("request_failed", f"{type(err).__name__}: {str(err)[:300]}")]
