@@ -4,9 +4,10 @@ its high-water mark read every 10 steps, with the allocator as it is or with one
     python benchmarks/train_memory_growth.py                  # glibc defaults
     python benchmarks/train_memory_growth.py --malloc trim    # malloc_trim(0) after every step
     python benchmarks/train_memory_growth.py --malloc fixed   # mmap threshold fixed at 256 KiB (mallopt)
+    python benchmarks/train_memory_growth.py --malloc fixed --mmap-kib 4096 --every 1
 
-Run one at a time, alone on the machine. Prints a JSON line every 10 steps and a final JSON line with the
-last RSS, the peak (VmHWM) and the training seconds. Explains why `tuneloop plan`'s short probe sees a
+Run one at a time, alone on the machine. Prints a JSON line every 10 steps (--every) with the step's
+input tokens, RSS and peak, and a final JSON line with the last RSS, the peak (VmHWM) and the training seconds. Explains why `tuneloop plan`'s short probe sees a
 lower peak than a long run reaches (benchmarks/RESULTS.md, plan accuracy).
 """
 
@@ -31,12 +32,14 @@ def memory_mb() -> tuple[int, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--malloc", choices=["default", "trim", "fixed"], default="default")
+    parser.add_argument("--mmap-kib", type=int, default=256, help="with --malloc fixed: the mmap threshold")
     parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--every", type=int, default=10, help="read the memory every this many steps")
     args = parser.parse_args()
     libc = ctypes.CDLL("libc.so.6")
     if args.malloc == "fixed":
-        libc.mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD: fixed, so freed buffers go back to the system
-        libc.mallopt(-1, 1024 * 1024)  # M_TRIM_THRESHOLD
+        libc.mallopt(-3, args.mmap_kib * 1024)  # M_MMAP_THRESHOLD: fixed, so freed buffers go back to the system
+        libc.mallopt(-1, 4 * args.mmap_kib * 1024)  # M_TRIM_THRESHOLD
 
     from tuneloop import pipeline
     from tuneloop.config import load_config
@@ -47,13 +50,19 @@ def main() -> None:
     data, _ = pipeline.prepare_data(cfg)
     started = time.time()
 
+    seen = [0]
+
     def on_log(step: int, total: int, logs: dict) -> None:
         if args.malloc == "trim":
             libc.malloc_trim(0)
-        if step % 10 == 0 and "eval_loss" not in logs:
+        if "eval_loss" in logs:
+            return
+        tokens = int(float(logs.get("num_input_tokens_seen", 0)))
+        step_tokens, seen[0] = tokens - seen[0], tokens
+        if step % args.every == 0:
             rss, peak = memory_mb()
-            print(json.dumps({"step": step, "rss_mb": rss, "peak_mb": peak, "seconds": round(time.time() - started, 1)}),
-                  flush=True)
+            print(json.dumps({"step": step, "step_tokens": step_tokens, "rss_mb": rss, "peak_mb": peak,
+                              "seconds": round(time.time() - started, 1)}), flush=True)
 
     adapter = pipeline.train_adapter(cfg, data, on_log=on_log)
     rss, peak = memory_mb()

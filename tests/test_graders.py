@@ -203,3 +203,36 @@ def test_label_answers_are_scored_on_accuracy_and_macro_f1_by_default():
     free_text = [f"a sentence about thing {i}" for i in range(40)]
     assert [s.name for s in default_metrics(None, free_text)] == ["rouge_l", "exact_match"]
     assert [s.name for s in default_metrics(None, [f"label {i}" for i in range(21)] * 3)][0] == "rouge_l"
+
+
+def test_majority_class_rate_is_what_always_answering_the_training_mode_scores():
+    from tuneloop.evaluate.metrics import default_metrics, majority_rates
+
+    def answer(category, priority, needs_human):
+        return json.dumps({"category": category, "product": "ledgerly", "priority": priority,
+                           "needs_human": needs_human, "summary": "x"})
+
+    train = [answer("bug", "low", False)] * 3 + [answer("billing", "high", True)] * 2 + ["not json"]
+    test = [answer("bug", "high", True), answer("billing", "low", False), answer("bug", "low", True),
+            answer("how_to", "medium", False)]
+    rates = majority_rates(default_metrics(SCHEMA), train, test, SCHEMA)
+    assert rates == {"field.category": 0.5, "field.product": 1.0, "field.priority": 0.5, "field.needs_human": 0.5,
+                     "category.accuracy": 0.5}
+    labels = default_metrics(None, ["Positive", "negative", "positive."] * 4)
+    assert majority_rates(labels, ["Positive", "negative", "positive."] * 4, ["positive", "neutral"], None) == {
+        "label.accuracy": 0.5}
+    assert majority_rates(labels, None, ["positive"], None) == {}
+
+
+def test_the_report_shows_the_majority_class_rate_beside_its_metric():
+    from pathlib import Path
+
+    from tuneloop.artifacts import EvalReport
+    from tuneloop.evaluate.report import metric_header, metric_rows
+
+    report = EvalReport(dir=Path("."), rows=4, baseline={"schema_valid": 0.0, "field.category": 0.0},
+                        candidate={"schema_valid": 1.0, "field.category": 0.75}, majority={"field.category": 0.5})
+    header, rows = metric_header(report), {row[0].strip(): row for row in metric_rows(report)}
+    column = header.index("majority class")
+    assert rows["accuracy: category"][column] == "50.0 %" and rows["schema compliance"][column] == ""
+    assert "majority class" not in metric_header(EvalReport(dir=Path("."), rows=4, baseline={}, candidate={}))

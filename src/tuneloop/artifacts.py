@@ -103,6 +103,8 @@ class EvalReport:
     candidate_name: str = "fine-tuned"  # how the reports name the candidate
     # What was scored: the resolved adapter or model directory, or "MODEL at BASE_URL" for an endpoint.
     candidate_source: str | None = None
+    # Per closed field / label metric: the test score of always answering the training split's most common value.
+    majority: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -138,7 +138,8 @@ def compare(
     if judge is not None and judge.memo_path is None:
         judge = dataclasses.replace(judge, memo_path=out / "judgments.json")
     schema = json.loads(data.answer_schema.read_text(encoding="utf-8")) if data.answer_schema else None
-    specs = cfg.metrics or metric_set.default_metrics(schema, _train_answers(data) if schema is None else None)
+    train_answers = _train_answers(data)
+    specs = cfg.metrics or metric_set.default_metrics(schema, train_answers if schema is None else None)
     gated = metric_set.gate_keys(specs, schema)
     answers = {"baseline": baseline, **(opponents or {})}
     others = list(answers)
@@ -178,6 +179,7 @@ def compare(
         opponent_difference={side: differences[side] for side in others[1:] if side in differences},
         candidate_name=candidate_name,
         candidate_source=candidate_source,
+        majority=metric_set.majority_rates(specs, train_answers, _references(rows), schema),
     )
     _remove_stale(out, run_dir, [_slug(side) for side in sides])
     if candidate is not None:
@@ -221,7 +223,7 @@ def _grade_sides(specs: list, rows: list[dict], answers: dict[str, list[Generati
 
 def _grade(specs: list, rows: list[dict], generations: list[Generation], schema: dict | None, judge: Judge | None,
            budget: int | None = None, preferred: list[float] | None = None):
-    references = [row["messages"][-1]["content"] for row in rows]
+    references = _references(rows)
     answers = [g.text for g in generations]
     graded = metric_set.grade(specs, references, answers, schema)
     if budget is not None:  # answers cut by the generation budget, shown as such in the reports
@@ -266,6 +268,10 @@ def _read_rows(path: Path, limit: int | None) -> list[dict]:
     with path.open(encoding="utf-8") as handle:
         rows = [json.loads(line) for line in handle]
     return rows[:limit] if limit else rows
+
+
+def _references(rows: list[dict]) -> list[str]:
+    return [row["messages"][-1]["content"] for row in rows]
 
 
 def _prompts(rows: list[dict]) -> list[list[dict[str, str]]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -51,6 +52,36 @@ def default_metrics(schema: dict | None, train_answers: list[str] | None = None)
         specs.append(MetricConfig(name="classification", field=enum_fields[0]))
     specs += [MetricConfig(name="item_f1", field=name, keys=keys) for name, keys in graders.object_arrays(schema).items()]
     return [*specs, MetricConfig(name="rouge_l"), MetricConfig(name="exact_match")]
+
+
+def majority_rates(specs: list[MetricConfig], train_answers: list[str] | None, references: list[str],
+                   schema: dict | None) -> dict[str, float]:
+    """What always answering the training split's most common value scores on the test references, per
+    closed field (`field.NAME`) and label metric (`PREFIX.accuracy`): the rate a fine-tune must beat to have
+    learned more than the label distribution. Empty without training answers."""
+    from collections import Counter
+
+    if not train_answers:
+        return {}
+    rates: dict[str, float] = {}
+    for spec in specs:
+        if spec.name == "field_accuracy":
+            fields = spec.fields or (graders.categorical_fields(schema) if schema else [])
+            for name in fields:
+                seen = Counter(json.dumps(parsed[name], sort_keys=True) for parsed in map(graders.parse_json, train_answers)
+                               if isinstance(parsed, dict) and name in parsed)
+                if not seen:
+                    continue
+                answer = json.dumps({name: json.loads(seen.most_common(1)[0][0])})
+                matches = [m[name] for m in (graders.field_matches(answer, r, [name]) for r in references) if m and name in m]
+                if matches:
+                    rates[f"field.{name}"] = float(np.mean(matches))
+        elif spec.name == "classification":
+            seen = Counter(label for label in (graders.extract_label(a, spec.field) for a in train_answers) if label)
+            truth = [graders.extract_label(r, spec.field) for r in references]
+            if seen and truth:
+                rates[metric_key(spec)] = float(np.mean([t == seen.most_common(1)[0][0] for t in truth]))
+    return rates
 
 
 def metric_key(spec: MetricConfig) -> str:

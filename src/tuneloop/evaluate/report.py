@@ -60,19 +60,20 @@ def ordered(names: list[str] | dict) -> list[str]:
 def metric_header(report: EvalReport) -> list[str]:
     """Column names of `metric_rows`: two more columns for each further opponent."""
     extra = [column for name in report.opponents for column in (name, f"Δ vs {name} [95 % CI]")]
-    return ["metric", "baseline", report.candidate_name, "Δ", "95 % CI of Δ", *extra, "gate"]
+    majority = ["majority class"] if report.majority else []
+    return ["metric", "baseline", report.candidate_name, "Δ", "95 % CI of Δ", *extra, *majority, "gate"]
 
 
 def metric_rows(report: EvalReport) -> list[tuple[str, ...]]:
     """(metric, baseline, candidate, difference, 95 % CI of the difference, [each further opponent and the
-    difference to it], gate) per metric."""
+    difference to it], [the majority-class rate, where a metric has one], gate) per metric."""
     rows = []
     for name in ordered(report.baseline):
         b = report.baseline.get(name)
         c = None if report.candidate is None else report.candidate.get(name)
         ci = _fmt_ci(name, (report.difference or {}).get(name))
         rows.append((label(name), _fmt(name, b), _fmt(name, c), _fmt_delta(name, b, c), ci,
-                     *_opponent_cells(report, name), _gate_mark(report, name)))
+                     *_opponent_cells(report, name), *_majority_cell(report, name), _gate_mark(report, name)))
     return rows
 
 
@@ -83,6 +84,12 @@ def _opponent_cells(report: EvalReport, name: str) -> list[str]:
         delta = "-" if diff is None else f"{_fmt_delta(name, 0.0, diff[0])} {_fmt_ci(name, diff)}"
         cells += [_fmt(name, values.get(name)), delta]
     return cells
+
+
+def _majority_cell(report: EvalReport, name: str) -> list[str]:
+    if not report.majority:
+        return []
+    return [_fmt(name, report.majority[name]) if name in report.majority else ""]
 
 
 def _fmt_ci(name: str, diff: list[float] | None) -> str:
