@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import time
@@ -42,7 +43,7 @@ def side(values: dict | None, intervals: dict | None, names: list[str]) -> dict[
     if values is None:
         return None
     return {m: [round(values[m], 4), *(round(v, 4) for v in (intervals or {}).get(m, [values[m]] * 2))]
-            for m in names if m in values}
+            for m in names if m in values and math.isfinite(values[m])}  # NaN: the metric did not apply
 
 
 def tfidf_check(task: Task, data_dir: Path, resamples: int = 2000) -> dict | None:

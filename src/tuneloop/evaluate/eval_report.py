@@ -48,7 +48,8 @@ def _sections(sides: dict[str, dict], report: EvalReport, chart: Path) -> list[S
             [lines[0], *lines[1:], "Baseline: the base model with the same system prompt. Intervals: paired "
              "bootstrap, 95 %. Gate: the whole interval of the difference must lie above zero."],
         ),
-        Section("Metrics", [*_opponent_notes(report), *_unparsed_notes(sides)], header=metric_header(report),
+        Section("Metrics", [*_opponent_notes(report), *_majority_note(report), *_unparsed_notes(sides)],
+                header=metric_header(report),
                 rows=[list(r) for r in _metric_rows_with_ci(report)]),
         Section("Chart", image=chart),
     ]
@@ -67,6 +68,13 @@ def _opponent_notes(report: EvalReport) -> list[str]:
     }
     return [notes.get(name, f"{name}: the base model with solved train-split examples before each prompt.")
             for name in report.opponents]
+
+
+def _majority_note(report: EvalReport) -> list[str]:
+    if not report.majority:
+        return []
+    return ["majority class: the score of always answering the training split's most common value, on the same "
+            "rows; a fine-tune that does not clear it has learned the label distribution, not the task."]
 
 
 def _unparsed_notes(sides: dict[str, dict]) -> list[str]:
