@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -59,28 +60,26 @@ def majority_rates(specs: list[MetricConfig], train_answers: list[str] | None, r
     """What always answering the training split's most common value scores on the test references, per
     closed field (`field.NAME`) and label metric (`PREFIX.accuracy`): the rate a fine-tune must beat to have
     learned more than the label distribution. Empty without training answers."""
-    from collections import Counter
-
     if not train_answers:
         return {}
     rates: dict[str, float] = {}
+    parsed = [a for a in map(graders.parse_json, train_answers) if isinstance(a, dict)]
     for spec in specs:
         if spec.name == "field_accuracy":
-            fields = spec.fields or (graders.categorical_fields(schema) if schema else [])
-            for name in fields:
-                seen = Counter(json.dumps(parsed[name], sort_keys=True) for parsed in map(graders.parse_json, train_answers)
-                               if isinstance(parsed, dict) and name in parsed)
-                if not seen:
+            for name in spec.fields or (graders.categorical_fields(schema) if schema else []):
+                values = Counter(json.dumps(a[name], sort_keys=True) for a in parsed if name in a)
+                if not values:
                     continue
-                answer = json.dumps({name: json.loads(seen.most_common(1)[0][0])})
+                answer = json.dumps({name: json.loads(values.most_common(1)[0][0])})
                 matches = [m[name] for m in (graders.field_matches(answer, r, [name]) for r in references) if m and name in m]
                 if matches:
                     rates[f"field.{name}"] = float(np.mean(matches))
         elif spec.name == "classification":
-            seen = Counter(label for label in (graders.extract_label(a, spec.field) for a in train_answers) if label)
+            labels = Counter(label for label in (graders.extract_label(a, spec.field) for a in train_answers) if label)
             truth = [graders.extract_label(r, spec.field) for r in references]
-            if seen and truth:
-                rates[metric_key(spec)] = float(np.mean([t == seen.most_common(1)[0][0] for t in truth]))
+            if labels and truth:
+                most_common = labels.most_common(1)[0][0]
+                rates[metric_key(spec)] = float(np.mean([t == most_common for t in truth]))
     return rates
 
 
