@@ -55,7 +55,7 @@ def main() -> None:
     def on_log(step: int, total: int, logs: dict) -> None:
         if args.malloc == "trim":
             libc.malloc_trim(0)
-        if "eval_loss" in logs:
+        if "loss" not in logs:  # a validation, or a checkpoint saved
             return
         tokens = int(float(logs.get("num_input_tokens_seen", 0)))
         step_tokens, seen[0] = tokens - seen[0], tokens

@@ -83,6 +83,32 @@ def test_resume_after_sigkill_ends_at_the_same_loss(tiny_model_dir, tmp_path):
     assert last(resumed) == pytest.approx(last(uninterrupted), rel=0.01)
 
 
+def test_a_saved_checkpoint_is_announced_only_once_it_can_be_resumed_from(tiny_model_dir, tmp_path):
+    # The jobs API lists a checkpoint when it is announced; a worker killed right after must find it on disk.
+    from tuneloop.config import load_config
+    from tuneloop.pipeline import train_adapter
+    from tuneloop.train import SAVED, newest_checkpoint
+
+    config = make_project(tmp_path, tiny_model_dir, "  max_steps: 4\n  batch_size: 8\n  save_steps: 2\n  eval_steps: 2\n")
+    prepare_in(tmp_path, config)
+    cfg = load_config(config)
+    cfg = cfg.model_copy(update={"output_dir": tmp_path / cfg.run_dir})
+    checkpoints = cfg.run_dir / "train" / "checkpoints"
+    seen: list[tuple[int, str, str | None]] = []
+
+    def on_log(step: int, total: int, logs: dict) -> None:
+        newest = newest_checkpoint(checkpoints) if checkpoints.is_dir() else None
+        kind = "saved" if logs.get(SAVED) else "validated" if "eval_loss" in logs else "other"
+        seen.append((step, kind, newest.name if newest else None))
+
+    train_adapter(cfg, on_log=on_log)
+    saved = [(step, newest) for step, kind, newest in seen if kind == "saved"]
+    assert sorted({step for step, _ in saved}) == [2, 4]
+    assert all(newest == f"checkpoint-{step}" for step, newest in saved), seen
+    # The trainer validates a step before it saves it: at the validation the step's checkpoint is not there yet.
+    assert [(step, newest) for step, kind, newest in seen if kind == "validated"] == [(2, None), (4, "checkpoint-2")]
+
+
 def test_resume_without_a_checkpoint_is_a_clear_error(tiny_model_dir, tmp_path):
     config = make_project(tmp_path, tiny_model_dir, "  max_steps: 2\n")
     prepare_in(tmp_path, config)

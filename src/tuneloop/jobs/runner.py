@@ -145,12 +145,14 @@ class PhaseRun:
 
     def train(self) -> None:
         from tuneloop import pipeline
+        from tuneloop.train import SAVED
 
         job_id = self.job["id"]
         resume = self.job["attempts"] > 1
         self.event(f"Fine-tuning job started on worker {self.worker}" + (f" again (attempt {self.job['attempts']}), from its newest "
                                                 "checkpoint where it has one" if resume else ""))
         last_loss: list[float] = []
+        validated: dict[int, float] = {}  # step -> validation loss, until the step's checkpoint is saved
 
         def on_log(step: int, total: int, logs: dict) -> None:
             if "loss" in logs:
@@ -158,10 +160,13 @@ class PhaseRun:
                 data = {"step": step, "total_steps": total, "train_loss": float(logs["loss"])}
                 data |= {k: float(logs[k]) for k in ("learning_rate", "epoch") if k in logs}
                 self.event(f"Step {step}/{total}: training loss={logs['loss']:.4f}", kind="metrics", data=data)
-            if "eval_loss" in logs:
-                loss = float(logs["eval_loss"])
+            if logs.get(SAVED) and step in validated:
+                # Listed only once its files are on disk: a worker killed before then resumes from the one before.
+                loss = validated.pop(step)
                 self.store.add_checkpoint(job_id, step, {"step": step, "train_loss": last_loss[0] if last_loss else None,
                                                          "valid_loss": loss, "full_valid_loss": loss})
+            if "eval_loss" in logs:
+                loss = validated[step] = float(logs["eval_loss"])
                 self.event(f"Step {step}/{total}: validation loss={loss:.4f}", kind="metrics",
                            data={"step": step, "total_steps": total, "valid_loss": loss, "full_valid_loss": loss})
 

@@ -10,14 +10,14 @@ from pathlib import Path
 from tuneloop.artifacts import Adapter, BaseModelRef, Dataset, save_meta
 from tuneloop.config import TrainConfig
 from tuneloop.errors import TuneloopError
-from tuneloop.train.callbacks import RelayLogs
+from tuneloop.train.callbacks import SAVED, RelayLogs
 from tuneloop.train.dpo import train_dpo
 from tuneloop.train.loop import newest_checkpoint
 from tuneloop.train.scoring import CheckpointScorer, ScoreCheckpoints
 from tuneloop.train.sft import train as train_sft
 from tuneloop.train.tracking import Tracking, TrainingRun
 
-__all__ = ["CheckpointScorer", "Tracking", "newest_checkpoint", "train"]
+__all__ = ["SAVED", "CheckpointScorer", "Tracking", "newest_checkpoint", "train"]
 
 
 def train(
@@ -34,7 +34,8 @@ def train(
     write it under `run_dir/train`. With `resume`, continue from the newest checkpoint. With `tracking`,
     log the run to MLflow as it trains. With `score_checkpoint`, score the model at every validation and
     keep the best-scoring checkpoint as the adapter. `on_log` receives (step, total steps, the trainer's log)
-    at every log: training loss each logging step, validation loss at each validation."""
+    at every log: training loss each logging step, validation loss at each validation, and `{SAVED: True}`
+    once a checkpoint is on disk."""
     if score_checkpoint is not None and not data.counts.get("val"):
         raise TuneloopError("eval.checkpoint_metric needs a validation split; set data.val_fraction above 0")
     scoring = ScoreCheckpoints(score_checkpoint) if score_checkpoint is not None else None

@@ -85,9 +85,13 @@ class CheckpointEachEpoch(TrainerCallback):
         control.should_save = True
 
 
+SAVED = "checkpoint_saved"
+
+
 class RelayLogs(TrainerCallback):
     """Hands every log the trainer writes (training loss, validation loss, learning rate) to `receive`
-    with the step and the run's total steps, on the main process."""
+    with the step and the run's total steps, on the main process; and `{SAVED: True}` once a checkpoint's
+    files are complete on disk (the trainer logs a step's validation loss before it saves the step)."""
 
     def __init__(self, receive) -> None:
         self.receive = receive
@@ -95,3 +99,7 @@ class RelayLogs(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
             self.receive(state.global_step, state.max_steps, dict(logs))
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.receive(state.global_step, state.max_steps, {SAVED: True})
