@@ -18,7 +18,7 @@ MINIMAL = "name: demo\ndata:\n  path: data.jsonl\n"
 def test_defaults_follow_common_lora_practice(tmp_path):
     cfg = load_config(write(tmp_path, MINIMAL))
     t = cfg.train
-    assert (t.lora_r, t.lora_alpha, t.lora_dropout, t.target_modules) == (16, 32, 0.05, "all-linear")
+    assert (t.lora_r, t.lora_alpha, t.lora_dropout, t.target_modules) == (16, 32, 0.0, "all-linear")
     assert (t.learning_rate, t.lr_scheduler, t.warmup_ratio, t.epochs) == (2e-4, "cosine", 0.1, 3)
     assert t.completion_only_loss is True
     assert cfg.base_model == "smollm2-135m-instruct"

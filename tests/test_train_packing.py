@@ -161,6 +161,29 @@ def test_attention_does_not_cross_example_borders(tokenizer, packed_model):
     assert torch.allclose(outputs[0], outputs[1], atol=1e-5)
 
 
+def test_short_examples_attend_in_fp32_under_cpu_autocast_and_long_ones_in_bf16():
+    """Under bf16 autocast on a CPU, attention over an example shorter than CPU_FP32_ATTENTION_BELOW runs in
+    fp32 (the flash kernel's faster case there): its output is the fp32 one exactly; a longer one runs in bf16."""
+    import torch
+    from types import SimpleNamespace
+
+    from tuneloop.train.packing import CPU_FP32_ATTENTION_BELOW, varlen_attention
+
+    torch.manual_seed(0)
+    short, long = 40, CPU_FP32_ATTENTION_BELOW + 20
+    query = torch.randn(1, 4, short + long, 16)
+    key, value = torch.randn(1, 2, short + long, 16), torch.randn(1, 2, short + long, 16)
+    bounds = torch.tensor([0, short, short + long], dtype=torch.int32)
+    module = SimpleNamespace(training=False)
+    exact, _ = varlen_attention(module, query, key, value, None, cu_seq_lens_q=bounds)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed, _ = varlen_attention(module, query, key, value, None, cu_seq_lens_q=bounds)
+    assert mixed.dtype == torch.float32 and mixed.shape == exact.shape == (1, short + long, 4, 16)
+    assert torch.equal(mixed[:, :short], exact[:, :short])
+    long_error = (mixed[:, short:] - exact[:, short:]).abs().max()
+    assert 1e-4 < long_error < 0.1  # bf16 rounding, not a different result
+
+
 def test_rows_of_a_step_split_at_example_borders(tokenizer):
     examples = _examples(tokenizer)
     batch = pack(examples)
@@ -178,8 +201,10 @@ def test_a_token_budget_fills_steps_with_short_rows_and_leaves_long_rows_alone()
     from tuneloop.train.loop import budget_batch_size, total_steps
 
     short = [50, 60, 55, 55] * 25  # mean 55 tokens
-    cfg = budget_batch_size(TrainConfig(batch_size=4, batch_tokens=1100), short)
+    cfg = budget_batch_size(TrainConfig(batch_size=4, batch_tokens=1100, learning_rate=2e-4), short)
     assert cfg.batch_size == 20 and total_steps(cfg.model_copy(update={"epochs": 1}), len(short)) == 5
+    assert cfg.learning_rate == pytest.approx(1e-3)  # five times the rows per update, five times the rate
+    assert budget_batch_size(TrainConfig(batch_size=4, batch_tokens=1100, learning_rate=2e-4), [900] * 10).learning_rate == 2e-4
     assert budget_batch_size(TrainConfig(batch_size=4, batch_tokens=1100), [900] * 10).batch_size == 4
     assert budget_batch_size(TrainConfig(batch_size=4), short).batch_size == 4
     assert budget_batch_size(TrainConfig(method="dpo", batch_size=4, batch_tokens=1100), short).batch_size == 4

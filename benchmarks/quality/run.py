@@ -1,7 +1,8 @@
 """The quality suite: `tuneloop run` with default settings on each task of benchmarks/quality/tasks.py, and the
 headline metrics of the baseline and the fine-tune with their 95 % intervals.
 
-    python benchmarks/quality/run.py                          # every task, into ./quality-runs
+    python benchmarks/quality/run.py                          # the suite's four tasks, into ./quality-runs
+    python benchmarks/quality/run.py --tasks sentiment-preferences   # the DPO task (preference pairs)
     python benchmarks/quality/run.py --tasks review-polarity --set train.learning_rate=1e-3
 
 Each task runs the real CLI in a directory of its own (its own registry). For label tasks it also fits a
@@ -98,7 +99,7 @@ def run_task(task: Task, work: Path, overrides: list[str]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--tasks", default=",".join(name for name, task in TASKS.items() if task.rejected is None))
     parser.add_argument("--work", type=Path, default=Path("quality-runs"))
     parser.add_argument("--set", action="append", default=[], help="a config override for every task (section.key=value)")
     args = parser.parse_args()

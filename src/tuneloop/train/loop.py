@@ -165,11 +165,15 @@ def newest_checkpoint(directory: Path) -> Path | None:
 
 def budget_batch_size(cfg: TrainConfig, row_tokens: list[int]) -> TrainConfig:
     """`cfg` with batch_size raised to the rows `batch_tokens` holds at the rows' mean length (unchanged
-    without a budget, or where the rows are long enough that batch_size rows fill it)."""
+    without a budget, or where the rows are long enough that batch_size rows fill it), and the learning
+    rate raised in proportion (the linear scaling rule): an epoch then has fewer updates, each from more
+    rows, and at the configured rate it would train less far (benchmarks/RESULTS.md, short rows)."""
     if cfg.batch_tokens is None or not row_tokens or cfg.method == "dpo":
         return cfg
     rows = int(cfg.batch_tokens * len(row_tokens) // sum(row_tokens))
-    return cfg.model_copy(update={"batch_size": max(cfg.batch_size, rows)})
+    if rows <= cfg.batch_size:
+        return cfg
+    return cfg.model_copy(update={"batch_size": rows, "learning_rate": cfg.learning_rate * rows / cfg.batch_size})
 
 
 def total_steps(cfg: TrainConfig, rows: int) -> int:

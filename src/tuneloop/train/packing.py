@@ -4,11 +4,15 @@ only needs the model's output at the positions that are trained."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from itertools import accumulate
 
 from tuneloop.train.template import IGNORE
 
 ATTENTION = "tuneloop_varlen"  # attention implementation name registered below
+# On a CPU the flash kernel runs fp32 examples shorter than this many tokens about twice as fast as bf16
+# ones (forward and backward), and longer ones slower; under autocast it would be handed bf16.
+CPU_FP32_ATTENTION_BELOW = 448
 
 
 def pack(examples: list[dict]) -> dict:
@@ -93,18 +97,20 @@ def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     bounds = cu_seq_lens_q.tolist()
     dropout = dropout if module.training else 0.0
-    parts = [
-        F.scaled_dot_product_attention(
-            query[:, :, start:end],
-            key[:, :, start:end],
-            value[:, :, start:end],
-            dropout_p=dropout,
-            is_causal=True,
-            scale=scaling,
-            enable_gqa=query.shape[1] != key.shape[1],  # no repeated key/value copies; flash kernel on CPU too
-        )
-        for start, end in zip(bounds[:-1], bounds[1:])
-    ]
+    cpu_bf16 = query.device.type == "cpu" and (query.dtype == torch.bfloat16 or torch.is_autocast_enabled("cpu"))
+    parts = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        q, k, v = query[:, :, start:end], key[:, :, start:end], value[:, :, start:end]
+        fp32 = cpu_bf16 and end - start < CPU_FP32_ATTENTION_BELOW
+        with torch.autocast("cpu", enabled=False) if fp32 else nullcontext():
+            attended = F.scaled_dot_product_attention(
+                *((q.float(), k.float(), v.float()) if fp32 else (q, k, v)),
+                dropout_p=dropout,
+                is_causal=True,
+                scale=scaling,
+                enable_gqa=query.shape[1] != key.shape[1],  # no repeated key/value copies; flash kernel on CPU too
+            )
+        parts.append(attended.to(query.dtype))
     return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None  # (1, T, H, D)
 
 

@@ -59,7 +59,8 @@ def train(
     check_splits(cfg, data, train_set, val_set, checkpoints, resume)
     budgeted = budget_batch_size(cfg, [len(ids) for ids in train_set["input_ids"]])
     if budgeted.batch_size != cfg.batch_size:
-        Console(stderr=True).print(f"batch_tokens {cfg.batch_tokens}: {budgeted.batch_size} rows per step")
+        Console(stderr=True).print(f"batch_tokens {cfg.batch_tokens}: {budgeted.batch_size} rows per step, learning rate "
+                                   f"{cfg.learning_rate:g} -> {budgeted.learning_rate:g} (scaled with the rows)")
     cfg = budgeted
 
     # 2. Train.
