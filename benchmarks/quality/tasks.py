@@ -253,6 +253,8 @@ def write_project(task: Task, directory: Path, seed: int = 0) -> Path:
         data["answer_schema"] = "schema.json"
     config = {"name": task.name, "data": data}
     if task.rejected is not None:
-        config |= {"train": {"method": "dpo"}, "eval": {"metrics": [{"name": "preference_accuracy", "gate": True}]}}
+        # One epoch: a DPO step scores each pair four times (chosen and rejected, policy and reference).
+        config |= {"train": {"method": "dpo", "epochs": 1},
+                   "eval": {"metrics": [{"name": "preference_accuracy", "gate": True}]}}
     (directory / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return directory / "config.yaml"
