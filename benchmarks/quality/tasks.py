@@ -17,8 +17,8 @@ data licence unknown), the ChatbotCorpus in `wink-naive-bayes-text-classifier` (
 
 None of the data is copied into this repository: each run fetches the pinned package. Row counts aim at the
 whole suite, trained with the library defaults (3 epochs), taking an hour on a 2-core CPU (the first run took
-65 minutes, 58 once LoRA dropout was off: benchmarks/RESULTS.md); long texts are cut to their first `TEXT_CHARS` characters so a row fits
-the default max_seq_length.
+65 minutes, 58 once LoRA dropout was off: benchmarks/RESULTS.md); long texts are cut to their first
+`TEXT_CHARS` characters so a row fits the default max_seq_length.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import tarfile
 import urllib.request
 import zipfile
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -165,26 +165,24 @@ ADDRESS_TYPES = sorted({
     "SubaddressType", "USPSBoxGroupID", "USPSBoxGroupType", "USPSBoxID", "USPSBoxType", "ZipCode", "ZipPlus4",
 })
 
+SENTIMENT = Task(
+    "sentiment-sentences", "short text -> label",
+    Source("npm", "sentiment@5.0.2", "sentiment-5.0.2.tgz",
+           "89302eb03d2005d03b214fe65814bb48adb7d3c42c8ca80bdee6a3ecb7e4480f"),
+    rows=750,
+    system_prompt="Is this product, film or restaurant review sentence positive or negative? "
+                  "Reply with one word: positive or negative.",
+    build=_sentences, label_field="",
+)
+
 TASKS = {
     task.name: task
     for task in [
-        Task(
-            "sentiment-sentences", "short text -> label",
-            Source("npm", "sentiment@5.0.2", "sentiment-5.0.2.tgz",
-                   "89302eb03d2005d03b214fe65814bb48adb7d3c42c8ca80bdee6a3ecb7e4480f"),
-            rows=750,
-            system_prompt="Is this product, film or restaurant review sentence positive or negative? "
-                          "Reply with one word: positive or negative.",
-            build=_sentences, label_field="",
-        ),
-        Task(
-            "sentiment-preferences", "preference pairs (DPO): the right label over the wrong one",
-            Source("npm", "sentiment@5.0.2", "sentiment-5.0.2.tgz",
-                   "89302eb03d2005d03b214fe65814bb48adb7d3c42c8ca80bdee6a3ecb7e4480f"),
-            rows=600, test_fraction=0.25,
-            system_prompt="Is this product, film or restaurant review sentence positive or negative? "
-                          "Reply with one word: positive or negative.",
-            build=_sentences, rejected=lambda label: "negative" if label == "positive" else "positive",
+        SENTIMENT,
+        replace(
+            SENTIMENT, name="sentiment-preferences", shape="preference pairs (DPO): the right label over the wrong one",
+            rows=600, test_fraction=0.25, label_field=None,
+            rejected=lambda label: "negative" if label == "positive" else "positive",
             notes=["not in the default suite: a DPO run, scored on held-out preference accuracy"],
         ),
         Task(
