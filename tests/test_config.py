@@ -19,12 +19,33 @@ def test_defaults_follow_common_lora_practice(tmp_path):
     cfg = load_config(write(tmp_path, MINIMAL))
     t = cfg.train
     assert (t.lora_r, t.lora_alpha, t.lora_dropout, t.target_modules) == (16, 32, 0.0, "all-linear")
-    assert (t.learning_rate, t.lr_scheduler, t.warmup_ratio, t.epochs) == (2e-4, "cosine", 0.1, 3)
+    assert (t.learning_rate, t.lr_scheduler, t.warmup_ratio, t.epochs) == (1e-3, "cosine", 0.1, 3)
     assert t.completion_only_loss is True
     assert cfg.base_model == "smollm2-135m-instruct"
     assert cfg.trust_remote_code is False
     assert cfg.run_dir == Path("runs/demo")
     assert cfg.data.path == (tmp_path / "data.jsonl").resolve()  # relative to the config file
+
+
+@pytest.mark.parametrize("method, rate", [("lora", 1e-3), ("qlora", 1e-3), ("dpo", 2e-4), ("full", 2e-5)])
+def test_the_default_learning_rate_is_the_methods_and_a_set_one_is_kept(tmp_path, method, rate):
+    assert load_config(write(tmp_path, MINIMAL), [f"train.method={method}"]).train.learning_rate == rate
+    chosen = load_config(write(tmp_path, MINIMAL), [f"train.method={method}", "train.learning_rate=5e-4"])
+    assert chosen.train.learning_rate == 5e-4
+
+
+def test_a_job_of_another_method_starts_from_that_methods_rate(tmp_path):
+    from tuneloop.jobs.config import job_config
+
+    def job(kind):
+        values = {"n_epochs": 1, "batch_size": 2, "learning_rate_multiplier": 0.5}
+        return {"id": "ftjob-1", "seed": 3, "method": {"type": kind, kind: {"hyperparameters": values}}}
+
+    sft = load_config(write(tmp_path, MINIMAL), ["train.learning_rate=4e-4"])
+    data = tmp_path / "train.jsonl"
+    assert job_config(sft, job("supervised"), tmp_path / "a", data, None).train.learning_rate == 2e-4
+    dpo = job_config(sft, job("dpo"), tmp_path / "b", data, None).train
+    assert (dpo.method, dpo.learning_rate) == ("dpo", 1e-4)
 
 
 def test_set_overrides_are_typed(tmp_path):

@@ -13,6 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tuneloop.errors import TuneloopError
 
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
+# train.learning_rate when it is not set. LoRA's comes from the defaults sweep (benchmarks/RESULTS.md);
+# every weight trained moves further per step, and DPO's rate was measured on the suite's preference task.
+DEFAULT_LEARNING_RATES = {"lora": 1e-3, "qlora": 1e-3, "dpo": 2e-4, "full": 2e-5}
 
 
 class Section(BaseModel):
@@ -107,7 +110,7 @@ class TrainConfig(Section):
     method: Literal["lora", "qlora", "full", "dpo"] = Field(
         default="lora",
         description="`lora`, `qlora` (4-bit NF4 base via bitsandbytes; needs a CUDA GPU), `full` (every weight "
-        "trained; use a learning rate near 2e-5), or `dpo` (LoRA trained on preference pairs with DPO; the data "
+        "trained), or `dpo` (LoRA trained on preference pairs with DPO; the data "
         "needs a rejected answer per row).",
     )
     lora_r: int = Field(default=16, gt=0, description="LoRA rank.")
@@ -120,7 +123,11 @@ class TrainConfig(Section):
     target_modules: str | list[str] = Field(
         default="all-linear", description="Modules that get adapters: `all-linear` or a list of module names."
     )
-    learning_rate: float = Field(default=2e-4, gt=0, description="Peak learning rate.")
+    learning_rate: float | None = Field(
+        default=None, gt=0,
+        description="Peak learning rate (default: 1e-3 for `lora` and `qlora`, chosen by a sweep on the quality "
+        "suite in benchmarks/RESULTS.md; 2e-4 for `dpo`; 2e-5 for `full`).",
+    )
     lr_scheduler: Literal["cosine", "linear", "constant"] = Field(default="cosine", description="Learning-rate decay.")
     warmup_ratio: float = Field(default=0.1, ge=0.0, lt=1.0, description="Share of steps spent warming up.")
     epochs: float = Field(default=3.0, gt=0, description="Passes over the training split.")
@@ -170,6 +177,12 @@ class TrainConfig(Section):
         gt=0,
         description="Processes of a distributed run (default: every visible GPU; 2 on a machine without one).",
     )
+
+    @model_validator(mode="after")
+    def _method_learning_rate(self) -> TrainConfig:
+        if self.learning_rate is None:
+            self.learning_rate = DEFAULT_LEARNING_RATES[self.method]
+        return self
 
     @model_validator(mode="after")
     def _processes_need_a_distributed_run(self) -> TrainConfig:

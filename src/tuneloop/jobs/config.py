@@ -1,12 +1,13 @@
 """A job's run configuration: the server's config with the job's files, method and hyperparameters.
-`"auto"` (or nothing) means tuneloop's defaults; `learning_rate_multiplier` multiplies `train.learning_rate`."""
+`"auto"` (or nothing) means tuneloop's defaults; `learning_rate_multiplier` multiplies `train.learning_rate` (or, for a job of another method than the
+config's, that method's default rate)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from tuneloop.config import RunConfig
+from tuneloop.config import DEFAULT_LEARNING_RATES, RunConfig
 from tuneloop.jobs.protocol import Hyperparameters, JobCreateRequest
 
 
@@ -55,12 +56,14 @@ def job_config(cfg: RunConfig, job: dict, run_dir: Path, training: Path, validat
         "format": "auto", "columns": {}, "system_prompt": None, "answer_schema": None, "label_field": None,
     })
     method = "dpo" if kind == "dpo" else ("lora" if cfg.train.method == "dpo" else cfg.train.method)
+    # The config's rate was set for its own method; a job of the other kind starts from its method's default.
+    learning_rate = cfg.train.learning_rate if method == cfg.train.method else DEFAULT_LEARNING_RATES[method]
     train = cfg.train.model_copy(update={
         "method": method,
         "epochs": float(values["n_epochs"]),
         "max_steps": None if "n_epochs" in job["method"].get(EXPLICIT, []) else cfg.train.max_steps,
         "batch_size": int(values["batch_size"]),
-        "learning_rate": cfg.train.learning_rate * values["learning_rate_multiplier"],
+        "learning_rate": learning_rate * values["learning_rate_multiplier"],
         "dpo_beta": values.get("beta", cfg.train.dpo_beta),
         "seed": job["seed"],
     })
