@@ -13,8 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tuneloop.errors import TuneloopError
 
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
-# train.learning_rate when it is not set. LoRA's comes from the defaults sweep (benchmarks/RESULTS.md);
-# every weight trained moves further per step, and DPO's rate was measured on the suite's preference task.
+# train.learning_rate when it is not set. LoRA's comes from the quality suite's sweep (benchmarks/RESULTS.md);
+# DPO's is the rate its suite task was measured at; full fine-tuning changes every weight, so it takes far less.
 DEFAULT_LEARNING_RATES = {"lora": 1e-3, "qlora": 1e-3, "dpo": 2e-4, "full": 2e-5}
 
 
@@ -125,8 +125,9 @@ class TrainConfig(Section):
     )
     learning_rate: float | None = Field(
         default=None, gt=0,
-        description="Peak learning rate (default: 1e-3 for `lora` and `qlora`, chosen by a sweep on the quality "
-        "suite in benchmarks/RESULTS.md; 2e-4 for `dpo`; 2e-5 for `full`).",
+        description="Peak learning rate (default by method: "
+        + ", ".join(f"`{method}` {rate:g}" for method, rate in DEFAULT_LEARNING_RATES.items())
+        + "; LoRA's was chosen on the quality suite, benchmarks/RESULTS.md).",
     )
     lr_scheduler: Literal["cosine", "linear", "constant"] = Field(default="cosine", description="Learning-rate decay.")
     warmup_ratio: float = Field(default=0.1, ge=0.0, lt=1.0, description="Share of steps spent warming up.")

@@ -1,6 +1,6 @@
 """A job's run configuration: the server's config with the job's files, method and hyperparameters.
-`"auto"` (or nothing) means tuneloop's defaults; `learning_rate_multiplier` multiplies `train.learning_rate` (or, for a job of another method than the
-config's, that method's default rate)."""
+`"auto"` (or nothing) means tuneloop's defaults; `learning_rate_multiplier` multiplies `train.learning_rate`
+(or, for a job of another method than the config's, that method's default rate)."""
 
 from __future__ import annotations
 
