@@ -94,3 +94,26 @@ def test_the_memory_peak_follows_the_largest_row_a_step_runs_as():
     assert largest_row([(300, 30), (200, 20), (100, 10)], 1024) == (600, 60)  # one row
     assert largest_row([(900, 90), (800, 80), (100, 10)], 1024) == (900, 90)  # 900 | 800+100
     assert largest_row([(2000, 5), (10, 1)], 1024) == (2000, 5)  # a longer example is a row of its own
+
+
+def test_the_probe_ends_with_a_step_of_the_longest_batch(prepared_project, tiny_model_dir, tmp_path):
+    from tuneloop.artifacts import Adapter, Dataset, load_meta
+    from tuneloop.config import load_config
+    from tuneloop.models import load_tokenizer
+    from tuneloop.pipeline.loop import resolve_base
+    from tuneloop.train.estimate import probe
+    from tuneloop.train.template import encode_example
+
+    prepared_project(config(tiny_model_dir))
+    cfg = load_config(tmp_path / "config.yaml")
+    data = load_meta(Dataset, cfg.run_dir / "data", "data")
+    base = resolve_base(cfg)
+    lines = data.train.read_text().splitlines()
+    tokenizer = load_tokenizer(base)
+    lengths = {line: len(encode_example(tokenizer, json.loads(line)["messages"], 1 << 30).input_ids) for line in lines}
+    longest = sorted(lines, key=lengths.get, reverse=True)[:4]
+
+    measured = probe(cfg.train, data, base, tmp_path / "scratch", 2, longest)
+    peak = load_meta(Adapter, tmp_path / "scratch" / "peak" / "train", "train")
+    assert peak.train_tokens == sum(lengths[line] for line in longest)  # one step, of exactly those rows
+    assert measured.steps == 2 and measured.peak_rss_mb > 100

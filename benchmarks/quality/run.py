@@ -86,6 +86,7 @@ def run_task(task: Task, work: Path, overrides: list[str]) -> dict:
         return {**result, "error": f"no evaluation; see {project / 'run.log'}"}
     report = json.loads(meta.read_text())
     data = json.loads((project / "runs" / task.name / "data" / "meta.json").read_text())
+    trained = json.loads((project / "runs" / task.name / "train" / "meta.json").read_text())
     names = headline(report)
     return {
         **result,
@@ -94,6 +95,8 @@ def run_task(task: Task, work: Path, overrides: list[str]) -> dict:
         "fine_tuned": side(report["candidate"], report["candidate_ci"], names),
         "majority_class": {m: round(v, 4) for m, v in report.get("majority", {}).items() if m in names},
         "gate_passed": report["gate_passed"],
+        "train": {"val_loss": trained["val_loss"] and round(trained["val_loss"], 4),
+                  "seconds": trained["train_seconds"], "tokens": trained["train_tokens"]},
         "tfidf_logreg": tfidf_check(task, project / "runs" / task.name / "data"),
     }
 

@@ -36,25 +36,20 @@ def plan(cfg: RunConfig, progress: Progress = silent) -> dict:
     base = resolve_base(cfg)
     data, _ = prepare_data(cfg, base, progress)
     tokens = _token_counts(data, base, cfg.train.max_seq_length)
-    cfg = cfg.model_copy(update={"train": budget_batch_size(cfg.train, [n for n, _ in tokens["train_row_lengths"]])})
+    cfg = cfg.model_copy(update={"train": budget_batch_size(cfg.train, [n for n, _, _ in tokens["train_row_lengths"]])})
     steps = total_steps(cfg.train, data.counts["train"])
-    per_step = math.ceil(tokens["train_tokens"] / max(1, data.counts["train"])) * cfg.train.batch_size
-    trained_per_step = math.ceil(tokens["trained_tokens"] / max(1, data.counts["train"])) * cfg.train.batch_size
     epochs = steps * cfg.train.batch_size * cfg.train.gradient_accumulation / max(1, data.counts["train"])
     shape = model_shape(cfg.train, base)
 
     probe_steps = probe_size(cfg.plan.probe_steps, steps)
-    # The probe sees batches of typical rows; the run's peak comes with its longest batch.
+    # The run's peak comes with its longest batch: the probe ends with a step of it.
     longest = tokens.pop("train_row_lengths")[: cfg.train.batch_size]
     # A step runs as rows of at most max_seq_length tokens, one after another: memory follows the largest.
-    worst_step, worst_trained = largest_row(longest, cfg.train.max_seq_length)
-    if per_step > cfg.train.max_seq_length:
-        trained_per_step = round(trained_per_step * cfg.train.max_seq_length / per_step)
-        per_step = cfg.train.max_seq_length
+    worst_step, worst_trained = largest_row([(n, t) for n, t, _ in longest], cfg.train.max_seq_length)
     progress(f"probe: {probe_steps} training steps to time this machine (thrown away)")
     scratch = Path(tempfile.mkdtemp(prefix="tuneloop-probe-"))
     try:
-        measured = probe(cfg.train, data, base, scratch, probe_steps)
+        measured = probe(cfg.train, data, base, scratch, probe_steps, [line for _, _, line in longest])
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     eval_steps = cfg.train.eval_steps or max(1, steps // 4)
@@ -86,11 +81,8 @@ def plan(cfg: RunConfig, progress: Progress = silent) -> dict:
         "method": cfg.train.method,
         "train_seconds": round(train_seconds, 1),
         "probe": dataclasses.asdict(measured),
-        # The probe process's peak RSS, plus what the longest batch needs beyond a typical one (formula).
-        "peak_memory_mb": round(measured.peak_rss_mb + max(0.0, peak_memory_mb(
-            shape, cfg.train.method, worst_step, worst_trained, gpu=False, checkpointing=cfg.train.gradient_checkpointing)
-            - peak_memory_mb(shape, cfg.train.method, per_step, trained_per_step, gpu=False,
-                             checkpointing=cfg.train.gradient_checkpointing))),
+        # The probe process's peak RSS: its last step was the run's longest batch, after typical ones.
+        "peak_memory_mb": round(measured.peak_rss_mb),
         "memory_mb": memory,
         "fits": fits,
         "train_seconds_by_machine": times,
@@ -175,7 +167,7 @@ def _token_counts(data: Dataset, base: BaseModelRef, max_length: int) -> dict:
             answer = sum(label != IGNORE for label in example.labels)
             if split == "train":
                 trained += answer
-                train_rows.append((len(example.input_ids), answer))
+                train_rows.append((len(example.input_ids), answer, line))
             if split == "test":
                 prompt_tokens.append(len(example.input_ids) - answer)
                 answer_tokens.append(answer)
