@@ -46,7 +46,8 @@ def plan(cfg: RunConfig, progress: Progress = silent) -> dict:
     longest = tokens.pop("train_row_lengths")[: cfg.train.batch_size]
     # A step runs as rows of at most max_seq_length tokens, one after another: memory follows the largest.
     worst_step, worst_trained = largest_row([(n, t) for n, t, _ in longest], cfg.train.max_seq_length)
-    progress(f"probe: {probe_steps} training steps to time this machine (thrown away)")
+    progress(f"probe: {probe_steps} training steps to time this machine, then one of the longest batch for its memory "
+             "(thrown away)")
     scratch = Path(tempfile.mkdtemp(prefix="tuneloop-probe-"))
     try:
         measured = probe(cfg.train, data, base, scratch, probe_steps, [line for _, _, line in longest])
