@@ -90,7 +90,7 @@ class Probe:
 
 
 def probe(cfg: TrainConfig, data: Dataset, base: BaseModelRef, scratch: Path, steps: int,
-          peak_rows: list[str] | None = None) -> Probe:
+          peak_rows: list[str]) -> Probe:
     """Run `steps` real training steps (with one validation pass) of `cfg` into `scratch`, and time them;
     then one step of `peak_rows` (the run's longest batch, as JSONL lines) for the peak memory. That step
     comes after the typical ones as in a real run: the allocator does not give a longer step the freed
@@ -121,10 +121,9 @@ def probe(cfg: TrainConfig, data: Dataset, base: BaseModelRef, scratch: Path, st
         intervals = [b - a for a, b in zip(trains, trains[1:]) if not (a <= at <= b)] or intervals
     step_seconds = sorted(intervals)[len(intervals) // 2] if intervals else adapter.train_seconds / steps
     counted = step_seconds * (steps - 1) + (eval_seconds or 0.0) * len(evals)
-    if peak_rows:
-        rows = scratch / "longest-batch.jsonl"
-        rows.write_text("".join(line + "\n" for line in peak_rows), encoding="utf-8")
-        longest = dataclasses.replace(data, train=rows, counts={**data.counts, "train": len(peak_rows), "val": 0})
-        train(probe_cfg.model_copy(update={"max_steps": 1, "eval_steps": None}), longest, base, scratch / "peak")
+    rows = scratch / "longest-batch.jsonl"
+    rows.write_text("".join(line + "\n" for line in peak_rows), encoding="utf-8")
+    longest = dataclasses.replace(data, train=rows, counts={**data.counts, "train": len(peak_rows), "val": 0})
+    train(probe_cfg.model_copy(update={"max_steps": 1, "eval_steps": None}), longest, base, scratch / "peak")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     return Probe(steps, step_seconds, eval_seconds, max(0.0, adapter.train_seconds - counted), peak)
