@@ -6,16 +6,18 @@ the run's held-out test rows with llama.cpp's own chat formatting (the template 
 
 Needs a registered version of the config's model (`tuneloop run CONFIG` registers one), exported with
 `tuneloop.export`, or with `--adapter DIR` an adapter directory (e.g. runs/NAME/train/adapter) written by the
-same GGUF writer without the registry; and the run's prepared data (the test split under runs/NAME/data). llama-cpp-python is installed into its own virtual environment
-(--venv, default ~/.cache/tuneloop/llamacpp-venv) on first use:
-`pip install --no-binary llama-cpp-python llama-cpp-python==0.3.36` with CMAKE_BUILD_PARALLEL_LEVEL=2 (about
-20-40 minutes on two cores). The reference answers are tuneloop's own: base model + adapter through PEFT, in
+same GGUF writer without the registry; and the run's prepared data (the test split under runs/NAME/data).
+llama-cpp-python is installed into its own virtual environment (--venv, default ~/.cache/tuneloop/llamacpp-venv)
+on first use: `pip install --no-binary llama-cpp-python llama-cpp-python==0.3.36` with
+CMAKE_BUILD_PARALLEL_LEVEL=2 (4 to 40 minutes on two cores, by CPU), for this CPU's features without AMX (see
+`cmake_args`; CMAKE_ARGS overrides). The reference answers are tuneloop's own: base model + adapter through PEFT, in
 fp32, greedy, as the eval stage generates them.
 
 Prints a final JSON line with, per quant: schema_valid (share of answers that satisfy the answer schema),
-identical_to_adapter (share of answers identical to the PEFT reference), tokens_per_s (llama.cpp's generated
-tokens over its request time, prompt processing included, one request at a time, --threads threads); and the
-same schema_valid for the reference.
+identical_to_adapter (share of answers identical to the PEFT reference), closed_fields_accuracy and
+fields_same_as_adapter (see `compare`), tokens_per_s (llama.cpp's generated tokens over its request time, prompt
+processing included, one request at a time, --threads threads); and under "adapter" the reference's own
+schema_valid and closed_fields_accuracy.
 """
 
 from __future__ import annotations
@@ -50,27 +52,73 @@ for line in sys.stdin:
 """
 
 
+# llama.cpp's flag for each CPU feature /proc/cpuinfo reports. AMX stays off: where the kernel or a sandbox
+# does not hand the process AMX tile state, the AMX kernels llama.cpp uses for q8_0 and q4_0 weights die with
+# SIGILL (they did on a Xeon whose cpuinfo lists amx_int8), so the build is -march=native without them.
+CPU_FLAGS = {"avx": "GGML_AVX", "avx2": "GGML_AVX2", "fma": "GGML_FMA", "f16c": "GGML_F16C", "bmi2": "GGML_BMI2",
+             "avx_vnni": "GGML_AVX_VNNI", "avx512f": "GGML_AVX512", "avx512vbmi": "GGML_AVX512_VBMI",
+             "avx512_vnni": "GGML_AVX512_VNNI", "avx512_bf16": "GGML_AVX512_BF16"}
+
+
+def cmake_args() -> str:
+    """CMAKE_ARGS for the build: the environment's if set, else this CPU's features without AMX."""
+    if os.environ.get("CMAKE_ARGS"):
+        return os.environ["CMAKE_ARGS"]
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    features = set(next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), []))
+    if not features:  # not Linux on x86: llama.cpp's own native build
+        return "-DLLAVA_BUILD=OFF"
+    enabled = {flag for feature, flag in CPU_FLAGS.items() if feature in features}
+    flags = " ".join(f"-D{flag}={'ON' if flag in enabled else 'OFF'}" for flag in CPU_FLAGS.values())
+    return f"-DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF {flags} -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+
+
 def ensure_llama_cpp(venv: Path) -> float:
-    """Build llama-cpp-python from source into `venv` unless it is there; returns the seconds the build took."""
-    python = venv / "bin" / "python"
-    if python.is_file() and subprocess.run([python, "-c", "import llama_cpp"], capture_output=True).returncode == 0:
+    """Build llama-cpp-python from source into `venv` unless it is there, built with the same CMAKE_ARGS;
+    returns the seconds the build took."""
+    python, args = venv / "bin" / "python", cmake_args()
+    built_with = venv / "tuneloop-cmake-args.txt"
+    if (python.is_file() and built_with.is_file() and built_with.read_text() == args
+            and subprocess.run([python, "-c", "import llama_cpp"], capture_output=True).returncode == 0):
         return 0.0
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    env = {**os.environ, "CMAKE_BUILD_PARALLEL_LEVEL": "2", "CMAKE_ARGS": os.environ.get("CMAKE_ARGS", "-DLLAVA_BUILD=OFF")}
-    subprocess.run([venv / "bin" / "pip", "install", "--no-binary", "llama-cpp-python", LLAMA_CPP_PYTHON], check=True,
-                   env=env)
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+    env = {**os.environ, "CMAKE_BUILD_PARALLEL_LEVEL": "2", "CMAKE_ARGS": args}
+    subprocess.run([venv / "bin" / "pip", "install", "--no-cache-dir", "--no-binary", "llama-cpp-python",
+                    LLAMA_CPP_PYTHON], check=True, env=env)
+    built_with.write_text(args)
     return time.perf_counter() - started
 
 
-def test_prompts(cfg, rows: int) -> tuple[list[list[dict[str, str]]], dict | None]:
-    """The first `rows` held-out test prompts (every turn but the final answer) and the answer schema."""
+def test_rows(cfg, rows: int) -> tuple[list[list[dict[str, str]]], list[str], dict | None]:
+    """The first `rows` held-out test rows: their prompts (every turn but the final answer), their reference
+    answers, and the answer schema."""
     from tuneloop.artifacts import Dataset, load_meta
 
     data = load_meta(Dataset, cfg.run_dir / "data", "data CONFIG")
-    prompts = [json.loads(line)["messages"][:-1] for line in data.test.read_text(encoding="utf-8").splitlines()]
+    chats = [json.loads(line)["messages"] for line in data.test.read_text(encoding="utf-8").splitlines()][:rows]
     schema = json.loads(data.answer_schema.read_text()) if data.answer_schema else None
-    return prompts[:rows], schema
+    return [chat[:-1] for chat in chats], [chat[-1]["content"] for chat in chats], schema
+
+
+def compare(texts: list[str], adapter: list[str], gold: list[str], schema: dict | None) -> dict:
+    """Answers against the adapter's own answers to the same prompts and against the test rows' references:
+    identical_to_adapter, schema_valid, closed_fields_accuracy (per enum/boolean/number field of the schema, the
+    share of rows matching the reference) and fields_same_as_adapter (share of closed-field values equal to the
+    adapter's)."""
+    from tuneloop.evaluate.graders import categorical_fields, field_matches, schema_valid
+
+    fields = categorical_fields(schema) if schema else []
+    to_gold = [field_matches(t, g, fields) or {} for t, g in zip(texts, gold)]
+    to_adapter = [field_matches(t, a, fields) or {} for t, a in zip(texts, adapter)]
+    n = len(texts)
+    return {
+        "identical_to_adapter": round(sum(t.strip() == a.strip() for t, a in zip(texts, adapter)) / n, 4),
+        "schema_valid": round(sum(schema_valid(t, schema) for t in texts) / n, 4) if schema else None,
+        "closed_fields_accuracy": {f: round(sum(m.get(f, False) for m in to_gold) / n, 4) for f in fields},
+        "fields_same_as_adapter": round(sum(sum(m.values()) for m in to_adapter) / max(sum(map(len, to_adapter)), 1), 4)
+        if fields else None,
+    }
 
 
 def llama_cpp_answers(venv: Path, gguf: Path, prompts, max_tokens: int, threads: int = 2) -> list[dict]:
@@ -85,7 +133,6 @@ def llama_cpp_answers(venv: Path, gguf: Path, prompts, max_tokens: int, threads:
 def main() -> None:
     from tuneloop.config import load_config
     from tuneloop.evaluate.generate import generate_answers
-    from tuneloop.evaluate.graders import schema_valid
     from tuneloop.export import export
     from tuneloop.export.gguf_file import write_gguf
     from tuneloop.models import load_tokenizer, resolve_base_model
@@ -106,7 +153,7 @@ def main() -> None:
     build_s = ensure_llama_cpp(args.venv)
     cfg = load_config(args.config)
     max_tokens = args.max_new_tokens or cfg.eval.max_new_tokens or 128
-    prompts, schema = test_prompts(cfg, args.rows)
+    prompts, gold, schema = test_rows(cfg, args.rows)
     base = resolve_base_model(cfg.base_model, cfg.cache_dir, cfg.trust_remote_code)
     if args.adapter is None:
         version = find_version(cfg.registry, cfg.model_name, base.name, args.version)
@@ -115,7 +162,6 @@ def main() -> None:
         adapter, label = args.adapter.resolve(), str(args.adapter)
 
     reference = [g.text for g in generate_answers(base, adapter, prompts, max_tokens, cfg.eval.batch_size, "PEFT")]
-    valid = (lambda text: schema_valid(text, schema)) if schema else (lambda text: True)
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as scratch:
         for quant in args.quants.split(","):
@@ -131,8 +177,7 @@ def main() -> None:
             results[quant] = {
                 "file_mb": round(gguf.stat().st_size / 2**20, 1),
                 "export_s": round(export_s, 1),
-                "schema_valid": round(sum(map(valid, texts)) / len(texts), 4),
-                "identical_to_adapter": round(sum(t == r.strip() for t, r in zip(texts, reference)) / len(texts), 4),
+                **compare(texts, reference, gold, schema),
                 "tokens_per_s": round(sum(a["tokens"] for a in answers) / sum(a["seconds"] for a in answers), 1),
             }
             for text, ref in list(zip(texts, reference))[:2]:
@@ -145,7 +190,8 @@ def main() -> None:
         "max_new_tokens": max_tokens,
         "llama_cpp_python": LLAMA_CPP_PYTHON.split("==")[1],
         "build_s": round(build_s, 1),
-        "adapter_schema_valid": round(sum(map(valid, (r.strip() for r in reference))) / len(reference), 4),
+        "adapter": {k: v for k, v in compare(reference, reference, gold, schema).items()
+                    if k in ("schema_valid", "closed_fields_accuracy")},
         **{quant: figures for quant, figures in results.items()},
     }))
 
