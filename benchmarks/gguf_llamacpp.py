@@ -15,9 +15,9 @@ fp32, greedy, as the eval stage generates them.
 
 Prints a final JSON line with, per quant: schema_valid (share of answers that satisfy the answer schema),
 identical_to_adapter (share of answers identical to the PEFT reference), closed_fields_accuracy and
-fields_same_as_adapter (see `compare`), tokens_per_s (llama.cpp's generated tokens over its request time, prompt
-processing included, one request at a time, --threads threads); and under "adapter" the reference's own
-schema_valid and closed_fields_accuracy.
+fields_same_as_adapter (see `quality` and `compare`), tokens_per_s (llama.cpp's generated tokens over its
+request time, prompt processing included, one request at a time, --threads threads); and under "adapter" the
+reference's own schema_valid and closed_fields_accuracy.
 """
 
 from __future__ import annotations
@@ -101,22 +101,35 @@ def test_rows(cfg, rows: int) -> tuple[list[list[dict[str, str]]], list[str], di
     return [chat[:-1] for chat in chats], [chat[-1]["content"] for chat in chats], schema
 
 
-def compare(texts: list[str], adapter: list[str], gold: list[str], schema: dict | None) -> dict:
-    """Answers against the adapter's own answers to the same prompts and against the test rows' references:
-    identical_to_adapter, schema_valid, closed_fields_accuracy (per enum/boolean/number field of the schema, the
-    share of rows matching the reference) and fields_same_as_adapter (share of closed-field values equal to the
-    adapter's)."""
+def quality(texts: list[str], gold: list[str], schema: dict | None) -> dict:
+    """schema_valid (share of answers satisfying the answer schema) and closed_fields_accuracy (per enum, boolean
+    or number field of the schema, the share of rows whose value matches the test row's reference)."""
     from tuneloop.evaluate.graders import categorical_fields, field_matches, schema_valid
 
     fields = categorical_fields(schema) if schema else []
-    to_gold = [field_matches(t, g, fields) or {} for t, g in zip(texts, gold)]
-    to_adapter = [field_matches(t, a, fields) or {} for t, a in zip(texts, adapter)]
-    n = len(texts)
+    matches = [field_matches(t, g, fields) or {} for t, g in zip(texts, gold)]
     return {
-        "identical_to_adapter": round(sum(t.strip() == a.strip() for t, a in zip(texts, adapter)) / n, 4),
-        "schema_valid": round(sum(schema_valid(t, schema) for t in texts) / n, 4) if schema else None,
-        "closed_fields_accuracy": {f: round(sum(m.get(f, False) for m in to_gold) / n, 4) for f in fields},
-        "fields_same_as_adapter": round(sum(sum(m.values()) for m in to_adapter) / max(sum(map(len, to_adapter)), 1), 4)
+        "schema_valid": round(sum(schema_valid(t, schema) for t in texts) / len(texts), 4) if schema else None,
+        "closed_fields_accuracy": {f: round(sum(m.get(f, False) for m in matches) / len(texts), 4) for f in fields},
+    }
+
+
+def identical(texts: list[str], adapter: list[str]) -> list[bool]:
+    """Per answer: the same text as the adapter's answer to the same prompt."""
+    return [t.strip() == a.strip() for t, a in zip(texts, adapter)]
+
+
+def compare(texts: list[str], adapter: list[str], gold: list[str], schema: dict | None) -> dict:
+    """Answers against the adapter's own answers to the same prompts: identical_to_adapter and
+    fields_same_as_adapter (share of closed-field values equal to the adapter's); and their `quality`."""
+    from tuneloop.evaluate.graders import categorical_fields, field_matches
+
+    fields = categorical_fields(schema) if schema else []
+    same = [field_matches(t, a, fields) or {} for t, a in zip(texts, adapter)]
+    return {
+        "identical_to_adapter": round(sum(identical(texts, adapter)) / len(texts), 4),
+        **quality(texts, gold, schema),
+        "fields_same_as_adapter": round(sum(sum(m.values()) for m in same) / max(sum(map(len, same)), 1), 4)
         if fields else None,
     }
 
@@ -190,8 +203,7 @@ def main() -> None:
         "max_new_tokens": max_tokens,
         "llama_cpp_python": LLAMA_CPP_PYTHON.split("==")[1],
         "build_s": round(build_s, 1),
-        "adapter": {k: v for k, v in compare(reference, reference, gold, schema).items()
-                    if k in ("schema_valid", "closed_fields_accuracy")},
+        "adapter": quality(reference, gold, schema),
         **{quant: figures for quant, figures in results.items()},
     }))
 

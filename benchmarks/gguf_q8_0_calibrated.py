@@ -28,13 +28,21 @@ import torch
 BLOCK = 32  # q8_0: one scale per 32 weights along a row
 
 
+def scales(blocks: torch.Tensor) -> torch.Tensor:
+    """q8_0's scale of each block along the last dimension: its largest magnitude / 127, stored in fp16."""
+    return (blocks.abs().amax(-1, keepdim=True) / 127).half().float()
+
+
+def on_grid(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`values` rounded to the nearest multiple of `scale` an 8-bit integer reaches."""
+    return torch.round(values / torch.where(scale == 0, torch.ones_like(scale), scale)).clamp(-128, 127) * scale
+
+
 def round_to_nearest(weight: torch.Tensor) -> torch.Tensor:
-    """q8_0 as the gguf package encodes it, dequantized: scale = block max / 127, stored in fp16."""
+    """q8_0 as the gguf package encodes it, dequantized."""
     rows, cols = weight.shape
     blocks = weight.reshape(rows, cols // BLOCK, BLOCK)
-    scale = (blocks.abs().amax(-1, keepdim=True) / 127).half().float()
-    ints = torch.round(blocks / torch.where(scale == 0, torch.ones_like(scale), scale)).clamp(-128, 127)
-    return (ints * scale).reshape(rows, cols)
+    return on_grid(blocks, scales(blocks)).reshape(rows, cols)
 
 
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, damp: float) -> torch.Tensor:
@@ -48,13 +56,12 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, damp: float) -> torch.Tens
     rounded = torch.zeros_like(weight)
     for start in range(0, cols, BLOCK):
         block = weight[:, start : start + BLOCK].clone()
-        scale = (block.abs().amax(-1) / 127).half().float()
-        safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+        scale = scales(block)[:, 0]
         local = upper[start : start + BLOCK, start : start + BLOCK]
         errors = torch.zeros_like(block)
         for i in range(BLOCK):
             column = block[:, i]
-            rounded[:, start + i] = torch.round(column / safe).clamp(-128, 127) * scale
+            rounded[:, start + i] = on_grid(column, scale)
             errors[:, i] = (column - rounded[:, start + i]) / local[i, i]
             block[:, i:] -= errors[:, i : i + 1] * local[i, i:]
         weight[:, start + BLOCK :] -= errors @ upper[start : start + BLOCK, start + BLOCK :]
@@ -119,6 +126,7 @@ def gptq_model(model, token_ids: list[list[int]], damp: float) -> None:
 
 
 def main() -> None:
+    from tuneloop.artifacts import Dataset, load_meta
     from tuneloop.config import load_config
     from tuneloop.evaluate.generate import answer_prompts
     from tuneloop.models import load_tokenizer, resolve_base_model
@@ -135,7 +143,8 @@ def main() -> None:
 
     torch.manual_seed(0)
     cfg = load_config(args.config)
-    chats = {split: [json.loads(line)["messages"] for line in (cfg.run_dir / "data" / f"{split}.jsonl").open()]
+    data = load_meta(Dataset, cfg.run_dir / "data", "data CONFIG")
+    chats = {split: [json.loads(line)["messages"] for line in getattr(data, split).read_text().splitlines()]
              for split in ("train", "val", "test")}
     base = resolve_base_model(cfg.base_model, cfg.cache_dir, cfg.trust_remote_code)
     version = find_version(cfg.registry, cfg.model_name, base.name, args.version)
